@@ -1,0 +1,39 @@
+"""gradroute: route persona-subspace updates during RL fine-tuning into a discardable,
+monitored PEFT adapter.
+
+Public names are imported lazily so that ``import gradroute`` stays fast; frameworks
+(transformers, PEFT, TRL, sae-lens) load only when an integration is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from ._version import __version__
+from .errors import DriftHalt, GradrouteError, GradrouteWarning
+
+# public name -> module that defines it
+_LAZY = {
+    "Subspace": "gradroute.subspace",
+    "Provenance": "gradroute.subspace",
+}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .subspace import Provenance, Subspace
+
+
+def __getattr__(name: str):
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'gradroute' has no attribute {name!r}")
+    value = getattr(importlib.import_module(mod), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
+
+__all__ = ["__version__", "GradrouteError", "GradrouteWarning", "DriftHalt", *_LAZY]

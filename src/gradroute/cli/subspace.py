@@ -1,0 +1,169 @@
+"""``gradroute subspace build | inspect | import``."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, FileFormatError, ProbeDataError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("subspace", help="build, inspect or import persona subspaces")
+    ss = p.add_subparsers(dest="subspace_command", required=True, metavar="ACTION")
+
+    b = ss.add_parser("build", help="fit a subspace from probe texts, or take SAE latents")
+    b.add_argument("--out", required=True, help="output subspace directory")
+    b.add_argument("--model", help="HF model name or local path (needed for --texts)")
+    b.add_argument("--texts", help="JSONL or CSV with 'text' (or 'prompt' and 'response') and 'label' (1/0)")
+    b.add_argument("--layers", type=int, nargs="+", help="residual layers (L = output of block L)")
+    b.add_argument("--method", default="diff_means", choices=["diff_means", "logistic", "pca"])
+    b.add_argument("--k", type=int, default=1, help="directions per layer (method pca)")
+    b.add_argument("--aggregation", default="mean",
+                   choices=["mean", "last", "last_prompt", "response_mean", "all"])
+    b.add_argument("--batch-size", type=int, default=16)
+    b.add_argument("--sae", help="sae-lens SAE folder (cfg.json + sae_weights.safetensors)")
+    b.add_argument("--latents", type=int, nargs="+", help="SAE latent ids")
+    b.add_argument("--layer", type=int, help="override the SAE's layer")
+    b.set_defaults(func=_build)
+
+    i = ss.add_parser("inspect", help="print layers, ranks, names and provenance")
+    i.add_argument("path")
+    i.add_argument("--compare", help="another subspace: print per-layer overlap and principal angles")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.set_defaults(func=_inspect)
+
+    m = ss.add_parser("import", help="convert a peer's direction file into a subspace")
+    m.add_argument("path")
+    m.add_argument("--format", required=True, choices=["persona_vectors", "assistant_axis", "file"],
+                   help="persona_vectors: [n_layers+1, d] indexed like hidden_states (i -> layer i-1); "
+                        "assistant_axis: [n_layers, d] indexed by block (i -> i); file: .npy/.safetensors")
+    m.add_argument("--layers", type=int, nargs="+", help="layers to keep (gradroute convention)")
+    m.add_argument("--name", help="direction name")
+    m.add_argument("--model", help="check against this model (name or path)")
+    m.add_argument("--out", required=True)
+    m.set_defaults(func=_import)
+
+
+def read_probe_file(path: str | Path) -> tuple[list[Any], list[int]]:
+    """Texts and labels from JSONL/CSV rows with text|prompt+response and label."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileFormatError(f"{path} does not exist.")
+    rows: list[dict[str, Any]] = []
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    else:
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise FileFormatError(f"{path}:{n} is not valid JSON ({e}).") from e
+    texts: list[Any] = []
+    labels: list[int] = []
+    for n, r in enumerate(rows, 1):
+        if "label" not in r:
+            raise ProbeDataError(f"{path} row {n} has no 'label' column.", "add label 1 (positive) or 0 (negative).")
+        try:
+            lab = int(float(r["label"]))
+        except (TypeError, ValueError):
+            raise ProbeDataError(f"{path} row {n}: label {r['label']!r} is not 0 or 1.") from None
+        if lab not in (0, 1):
+            raise ProbeDataError(f"{path} row {n}: label {lab} is not 0 or 1.")
+        if "text" in r:
+            texts.append(str(r["text"]))
+        elif "prompt" in r and "response" in r:
+            texts.append((str(r["prompt"]), str(r["response"])))
+        else:
+            raise ProbeDataError(f"{path} row {n} has neither 'text' nor 'prompt'+'response'.")
+        labels.append(lab)
+    return texts, labels
+
+
+def _build(args: argparse.Namespace) -> int:
+    from ..subspace import Subspace
+
+    if bool(args.texts) == bool(args.sae):
+        raise ConfigError("pass exactly one of --texts (probe) or --sae (SAE latents).")
+    if args.texts and not args.model:
+        raise ConfigError("--texts needs --model to compute activations.")
+    texts, labels = read_probe_file(args.texts) if args.texts else ([], [])  # validate before loading
+    model = None
+    if args.model:
+        from ..integrations.transformers import load_model_and_tokenizer
+
+        model, tok = load_model_and_tokenizer(args.model)
+    if args.texts:
+        sub = Subspace.from_probe(model, tok, texts=texts, labels=labels, layers=args.layers,
+                                  method=args.method, k=args.k, aggregation=args.aggregation,
+                                  batch_size=args.batch_size)
+    else:
+        if not args.latents:
+            raise ConfigError("--sae needs --latents.")
+        sub = Subspace.from_sae(args.sae, args.latents, layer=args.layer, model=model)
+    sub.save(args.out)
+    print(sub.summary())
+    print(f"saved to {args.out}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from ..subspace import Subspace
+
+    sub = Subspace.load(args.path)
+    other = Subspace.load(args.compare) if args.compare else None
+    if args.json:
+        out: dict[str, Any] = {
+            "content_hash": sub.content_hash,
+            "layers": {str(L): {"d": sub.dim(L), "k": sub.rank(L), "names": list(sub.names(L))} for L in sub.layers},
+            "provenance": sub.provenance.to_dict(),
+        }
+        if other is not None:
+            out["overlap"] = {str(L): v for L, v in sub.overlap(other).items()}
+        print(json.dumps(out, indent=2, default=str))
+        return 0
+    print(sub.summary())
+    prov = sub.provenance.to_dict()
+    extra = prov.pop("extra", {})
+    for k, v in prov.items():
+        if v not in (None, (), [], {}):
+            print(f"  {k}: {v}")
+    diag = extra.get("diagnostics")
+    if diag:
+        for L, d in diag.items():
+            vals = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items()
+                             if not isinstance(v, list))
+            print(f"  probe layer {L}: {vals}")
+    if other is not None:
+        import math
+
+        print(f"overlap with {args.compare} (mean cos² of principal angles; random ≈ k/d):")
+        for L, v in sub.overlap(other).items():
+            ang = [round(math.degrees(a), 1) for a in sub.principal_angles(other, L).tolist()]
+            print(f"  layer {L}: overlap {v:.4f}, principal angles {ang} deg")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from ..subspace import Subspace
+
+    model = None
+    if args.model:
+        from ..integrations.transformers import load_model_and_tokenizer
+
+        model, _ = load_model_and_tokenizer(args.model)
+    if args.format == "persona_vectors":
+        sub = Subspace.from_persona_vectors(args.path, args.layers, name=args.name or "persona", model=model)
+    elif args.format == "assistant_axis":
+        sub = Subspace.from_assistant_axis(args.path, args.layers, name=args.name or "assistant_axis", model=model)
+    else:
+        sub = Subspace.from_file(args.path, args.layers, names=[args.name] if args.name else None, model=model)
+    sub.save(args.out)
+    print(sub.summary())
+    print(f"saved to {args.out}")
+    return 0

@@ -1,0 +1,325 @@
+"""Hugging Face transformers: model introspection, residual-stream hooks, activation collection.
+
+Layer L is the output of decoder block L (see :mod:`gradroute.layers`). Activations are read
+with forward hooks on the blocks (a pre-hook on block 0 for layer −1), never from
+``output_hidden_states``, whose last entry is post-final-norm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, ProbeDataError, UnknownLayerError
+from ..layers import EMBEDDINGS, check_layer
+
+# Where decoder blocks live, by attribute path (checked in order; the generic search below
+# handles anything else).
+_BLOCK_PATHS = (
+    "model.layers",            # Llama, Qwen2/3, Mistral, Gemma, Phi-3, OLMo
+    "model.language_model.layers",
+    "transformer.h",           # GPT-2, GPT-J, Falcon, Bloom (transformer.h)
+    "gpt_neox.layers",         # GPT-NeoX, Pythia
+    "model.decoder.layers",    # OPT
+    "transformer.blocks",      # MPT
+    "layers",                  # bare decoders
+    "h",
+)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The underlying transformers model (unwraps DDP/FSDP ``.module`` and PEFT wrappers)."""
+    seen = 0
+    while seen < 8:
+        seen += 1
+        if hasattr(model, "get_base_model") and callable(model.get_base_model):
+            model = model.get_base_model()
+        elif isinstance(getattr(model, "module", None), nn.Module) and type(model).__name__ in (
+            "DistributedDataParallel", "DataParallel", "FullyShardedDataParallel",
+        ):
+            model = model.module
+        else:
+            break
+    return model
+
+
+def _get_path(model: nn.Module, path: str) -> Any:
+    obj: Any = model
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def decoder_layers_path(model: nn.Module) -> str:
+    """Dotted path of the ``nn.ModuleList`` of decoder blocks, relative to the unwrapped model."""
+    m = unwrap_model(model)
+    for path in _BLOCK_PATHS:
+        obj = _get_path(m, path)
+        if isinstance(obj, nn.ModuleList) and len(obj) > 0:
+            return path
+    # generic: the longest ModuleList of identically-typed modules
+    best, best_len = None, 0
+    for name, mod in m.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > best_len:
+            if len({type(c) for c in mod}) == 1:
+                best, best_len = name, len(mod)
+    if best is None:
+        raise UnknownLayerError(
+            f"could not find the decoder blocks of {type(m).__name__}.",
+            "use string layer keys naming modules, or open an issue with the architecture.",
+        )
+    return best
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks (block L's output is residual layer L)."""
+    return _get_path(unwrap_model(model), decoder_layers_path(model))
+
+
+def num_layers(model: nn.Module) -> int:
+    return len(decoder_layers(model))
+
+
+def model_hidden_size(model: nn.Module) -> int:
+    cfg = getattr(unwrap_model(model), "config", None)
+    for attr in ("hidden_size", "n_embd", "d_model", "dim"):
+        v = getattr(cfg, attr, None) if cfg is not None else None
+        if isinstance(v, int):
+            return v
+    text_cfg = getattr(cfg, "text_config", None)
+    if text_cfg is not None and isinstance(getattr(text_cfg, "hidden_size", None), int):
+        return text_cfg.hidden_size
+    emb = unwrap_model(model).get_input_embeddings() if hasattr(unwrap_model(model), "get_input_embeddings") else None
+    if emb is not None:
+        return emb.weight.shape[1]
+    raise UnknownLayerError(f"cannot tell the hidden size of {type(model).__name__}.")
+
+
+def model_name(model: nn.Module) -> str | None:
+    cfg = getattr(unwrap_model(model), "config", None)
+    name = getattr(cfg, "_name_or_path", None) or getattr(cfg, "name_or_path", None)
+    return name or (getattr(cfg, "model_type", None) if cfg is not None else None)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def block_hidden(output: Any) -> torch.Tensor:
+    """The hidden-state tensor of a decoder block's output (a tensor in transformers 5, a tuple before)."""
+    if torch.is_tensor(output):
+        return output
+    if isinstance(output, tuple | list) and output and torch.is_tensor(output[0]):
+        return output[0]
+    hs = getattr(output, "hidden_states", None) or getattr(output, "last_hidden_state", None)
+    if torch.is_tensor(hs):
+        return hs
+    raise TypeError(f"cannot find the hidden state in a block output of type {type(output).__name__}")
+
+
+def _replace_hidden(output: Any, new: torch.Tensor) -> Any:
+    if torch.is_tensor(output):
+        return new
+    if isinstance(output, tuple):
+        return (new, *output[1:])
+    if isinstance(output, list):
+        return [new, *output[1:]]
+    raise TypeError(f"cannot replace the hidden state in a block output of type {type(output).__name__}")
+
+
+ResidualFn = Callable[[int, torch.Tensor], torch.Tensor | None]
+
+
+def add_residual_hook(model: nn.Module, layer: int, fn: ResidualFn) -> torch.utils.hooks.RemovableHandle:
+    """Call ``fn(layer, h)`` on the residual stream at ``layer``; a returned tensor replaces ``h``.
+
+    Layer L >= 0 hooks the output of block L; layer −1 hooks the input of block 0.
+    """
+    blocks = decoder_layers(model)
+    check_layer(layer, len(blocks))
+    if layer == EMBEDDINGS:
+        def pre_hook(module, args, kwargs):
+            if args:
+                r = fn(layer, args[0])
+                return None if r is None else ((r, *args[1:]), kwargs)
+            h = kwargs.get("hidden_states")
+            r = fn(layer, h)
+            if r is None:
+                return None
+            return args, {**kwargs, "hidden_states": r}
+
+        return blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+    def hook(module, args, output):
+        r = fn(layer, block_hidden(output))
+        return None if r is None else _replace_hidden(output, r)
+
+    return blocks[layer].register_forward_hook(hook)
+
+
+@contextmanager
+def residual_hooks(model: nn.Module, layers: Iterable[int], fn: ResidualFn):
+    """Context manager: :func:`add_residual_hook` at each layer, removed on exit (even on error)."""
+    handles = []
+    try:
+        for L in layers:
+            handles.append(add_residual_hook(model, L, fn))
+        yield handles
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ------------------------------------------------------------------ activation collection
+AGGREGATIONS = ("mean", "last", "last_prompt", "response_mean", "all")
+
+
+@dataclass
+class ActivationSet:
+    """Activations per layer (rows x d, float32, CPU); ``text_index[r]`` is the text of row r."""
+
+    values: dict[int, torch.Tensor]
+    text_index: torch.Tensor
+
+
+def _encode(tokenizer: Any, text: Any, max_length: int | None) -> tuple[list[int], int]:
+    """Token ids and prompt length for a string or a ``(prompt, response)`` pair."""
+    if isinstance(text, str):
+        ids = list(tokenizer(text)["input_ids"])
+        p_len = len(ids)
+    elif isinstance(text, Sequence) and len(text) == 2 and all(isinstance(t, str) for t in text):
+        p_ids = list(tokenizer(text[0])["input_ids"])
+        r_ids = list(tokenizer(text[1], add_special_tokens=False)["input_ids"])
+        ids, p_len = p_ids + r_ids, len(p_ids)
+    else:
+        raise ProbeDataError(
+            f"a probe text must be a string or a (prompt, response) pair of strings, got {type(text).__name__}."
+        )
+    if max_length is not None:
+        ids = ids[:max_length]
+        p_len = min(p_len, len(ids))
+    return ids, p_len
+
+
+def _select(aggregation: str, length: int, p_len: int, i: int) -> slice | int:
+    if aggregation == "mean" or aggregation == "all":
+        return slice(0, length)
+    if aggregation == "last":
+        return length - 1
+    if aggregation == "last_prompt":
+        return p_len - 1
+    if aggregation == "response_mean":
+        if p_len >= length:
+            raise ProbeDataError(
+                f"text {i} has no response tokens, so aggregation='response_mean' has nothing to average.",
+                "pass (prompt, response) pairs with a non-empty response, or another aggregation.",
+            )
+        return slice(p_len, length)
+    raise ConfigError(f"unknown aggregation {aggregation!r}.", f"use one of {AGGREGATIONS}.")
+
+
+@torch.no_grad()
+def collect_activations(
+    model: nn.Module,
+    tokenizer: Any,
+    texts: Sequence[Any],
+    layers: Sequence[int],
+    *,
+    aggregation: str = "mean",
+    batch_size: int = 16,
+    max_length: int | None = None,
+    progress: bool = True,
+) -> ActivationSet:
+    """Run ``model`` over ``texts`` and gather residual activations at ``layers``.
+
+    Batched (right-padded, attention-masked), without gradients, in eval mode (restored
+    after), on the model's device and dtype; results are float32 on the CPU.
+    """
+    from tqdm.auto import tqdm
+
+    if aggregation not in AGGREGATIONS:
+        raise ConfigError(f"unknown aggregation {aggregation!r}.", f"use one of {AGGREGATIONS}.")
+    if len(texts) == 0:
+        raise ProbeDataError("no texts to run the model on.")
+    if aggregation in ("response_mean", "last_prompt") and any(isinstance(t, str) for t in texts):
+        raise ProbeDataError(
+            f"aggregation={aggregation!r} needs (prompt, response) pairs, got plain strings.",
+            "pass texts as (prompt, response) tuples, or use aggregation='mean' or 'last'.",
+        )
+    encoded = [_encode(tokenizer, t, max_length) for t in texts]
+    for i, (ids, _) in enumerate(encoded):
+        if not ids:
+            raise ProbeDataError(f"text {i} encodes to no tokens.", "remove empty texts.")
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    pad_id = 0 if pad_id is None else pad_id
+    device = model_device(model)
+    layers = list(layers)
+    captured: dict[int, torch.Tensor] = {}
+
+    def grab(layer: int, h: torch.Tensor) -> None:
+        captured[layer] = h.detach()
+
+    out: dict[int, list[torch.Tensor]] = {L: [] for L in layers}
+    text_index: list[int] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with residual_hooks(model, layers, grab):
+            starts = range(0, len(encoded), batch_size)
+            for s in tqdm(starts, desc="collecting activations", disable=not progress, leave=False):
+                batch = encoded[s : s + batch_size]
+                T = max(len(ids) for ids, _ in batch)
+                input_ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
+                mask = torch.zeros((len(batch), T), dtype=torch.long)
+                for j, (ids, _) in enumerate(batch):
+                    input_ids[j, : len(ids)] = torch.tensor(ids)
+                    mask[j, : len(ids)] = 1
+                captured.clear()
+                model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False)
+                for j, (ids, p_len) in enumerate(batch):
+                    sel = _select(aggregation, len(ids), p_len, s + j)
+                    n_rows = 1 if aggregation != "all" else len(ids)
+                    text_index.extend([s + j] * n_rows)
+                    for L in layers:
+                        h = captured[L][j].float()
+                        if isinstance(sel, int):
+                            v = h[sel][None]
+                        elif aggregation == "all":
+                            v = h[sel]
+                        else:
+                            v = h[sel].mean(0, keepdim=True)
+                        out[L].append(v.cpu())
+    finally:
+        model.train(was_training)
+    return ActivationSet(
+        values={L: torch.cat(v) for L, v in out.items()},
+        text_index=torch.tensor(text_index, dtype=torch.long),
+    )
+
+
+def load_model_and_tokenizer(name_or_path: str, dtype: torch.dtype | str | None = None, device: str | None = None):
+    """``AutoModelForCausalLM`` + ``AutoTokenizer`` from a hub name or a local path.
+
+    The tokenizer gets a pad token (its EOS) if it has none.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw: dict[str, Any] = {}
+    if dtype is not None:
+        kw["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, **kw)
+    tok = AutoTokenizer.from_pretrained(name_or_path)
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    if device is not None:
+        model.to(device)
+    return model, tok
