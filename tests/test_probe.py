@@ -101,3 +101,14 @@ def test_probe_restores_training_mode_and_leaves_no_hooks():
     gr.Subspace.from_probe(model, tok, ["ab", "cd"], ["ef", "gh"], layers=[0], progress=False)
     assert model.training
     assert all(not b._forward_hooks for b in decoder_layers(model))
+
+
+def test_probe_on_a_bfloat16_model_is_computed_in_float32(planted):
+    model, tok, v, pos, neg = planted
+    model16 = model.to(torch.bfloat16)
+    try:
+        sub = gr.Subspace.from_probe(model16, tok, pos, neg, layers=[PLANT_LAYER], progress=False)
+    finally:
+        model.to(torch.float32)
+    assert sub.basis(PLANT_LAYER).dtype == torch.float32
+    assert float(sub.basis(PLANT_LAYER)[:, 0] @ v) > 0.98
