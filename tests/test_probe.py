@@ -34,7 +34,7 @@ def planted():
 
     def plant(layer, h):
         is_pos = (state["ids"][:, :1] == marker_id).to(h.dtype)  # (B, 1)
-        return h + 8.0 * is_pos[:, :, None] * v
+        return h + 8.0 * is_pos[:, :, None] * v.to(h.dtype)
 
     add_residual_hook(model, PLANT_LAYER, plant)
     pos, neg = _texts(48, "P", 0), _texts(48, "N", 1)
