@@ -69,3 +69,40 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
 def test_console_script_runs():
     r = subprocess.run([sys.executable, "-m", "gradroute", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "subspace" in r.stdout
+
+
+def test_adapter_discard_merge_export(tmp_path, capsys):
+    """CLI round trip on a Trainer run: export from a checkpoint, discard and merge with PEFT."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from gradroute.testing import tiny_lm
+
+    model, tok = tiny_lm("gpt2")
+    sub = gr.Subspace.from_directions({1: torch.randn(2, 64)})
+    router = gr.GradientRouter(model, sub)
+    ids = torch.randint(3, 100, (16, 8), generator=torch.Generator().manual_seed(0)).tolist()
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=4,
+                             learning_rate=1e-2, save_steps=4, report_to=[], use_cpu=True, disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids}),
+            callbacks=[router.callback()]).train()
+    tok.save_pretrained(tmp_path / "run" / "checkpoint-4")
+    x = torch.tensor([ids[0]])
+    model.eval()
+    with torch.no_grad():
+        trained = model(input_ids=x).logits
+    ckpt = tmp_path / "run" / "checkpoint-4"
+    assert main(["adapter", "export", str(ckpt / "gradroute"), "--base", "model", "--out", str(tmp_path / "ad")]) == 0
+    assert main(["adapter", "discard", str(tmp_path / "ad"), "--model", str(ckpt), "--out", str(tmp_path / "disc")]) == 0
+    assert main(["adapter", "merge", str(tmp_path / "ad"), "--out", str(tmp_path / "merged")]) == 0
+    router.discard()
+    with torch.no_grad():
+        discarded = model(input_ids=x).logits
+        disc = AutoModelForCausalLM.from_pretrained(tmp_path / "disc").eval()(input_ids=x).logits
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()(input_ids=x).logits
+    assert torch.allclose(disc, discarded, atol=1e-5)
+    assert torch.allclose(merged, trained, atol=1e-5)
+    assert not torch.allclose(disc, trained, atol=1e-4)
+    capsys.readouterr()
+    assert main(["adapter", "merge", str(tmp_path / "disc"), "--out", str(tmp_path / "x")]) == 2
+    assert "not a PEFT adapter" in capsys.readouterr().err

@@ -17,9 +17,14 @@ from .errors import DriftHalt, GradrouteError, GradrouteWarning
 _LAZY = {
     "Subspace": "gradroute.subspace",
     "Provenance": "gradroute.subspace",
+    "GradientRouter": "gradroute.router",
+    "RoutingPlan": "gradroute.plan",
+    "build_plan": "gradroute.plan",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .plan import RoutingPlan, build_plan
+    from .router import GradientRouter
     from .subspace import Provenance, Subspace
 
 

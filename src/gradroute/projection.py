@@ -210,3 +210,16 @@ def overlap(U1: torch.Tensor, U2: torch.Tensor) -> float:
     """
     c = principal_cosines(U1, U2)
     return float(c.double().pow(2).sum() / min(U1.shape[1], U2.shape[1]))
+
+
+def refine_basis(U: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``U`` re-orthonormalized in ``dtype`` (QR, signs kept), so that ``UᵀU = I`` to that
+    dtype's precision; the span and column orientation are unchanged.
+
+    A float32 basis is orthonormal only to ~1e-7, so ``Uᵀ(U A) = A`` holds only to
+    ~1e-7·‖A‖; bookkeeping that subtracts a large adapter needs the refined basis.
+    """
+    Q, R = torch.linalg.qr(U.to(dtype))
+    signs = torch.diagonal(R).sign()
+    signs[signs == 0] = 1.0
+    return Q * signs

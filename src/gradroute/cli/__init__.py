@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from ..errors import GradrouteError
 
-_COMMANDS = ("demo", "subspace")
+_COMMANDS = ("demo", "subspace", "adapter")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -323,3 +323,126 @@ def load_model_and_tokenizer(name_or_path: str, dtype: torch.dtype | str | None 
     if device is not None:
         model.to(device)
     return model, tok
+
+
+# ------------------------------------------------------------------ residual writers and readers
+# Fallback only: module-name suffixes of residual writers in common architectures. The primary
+# lookup (block_io_modules) finds writers from the model's own dataflow.
+KNOWN_WRITER_SUFFIXES = (
+    "self_attn.o_proj", "mlp.down_proj",                     # Llama, Qwen2/3, Mistral, Gemma, OLMo
+    "attn.c_proj", "mlp.c_proj",                             # GPT-2 (Conv1D)
+    "attention.dense", "mlp.dense_4h_to_h",                  # GPT-NeoX / Pythia
+    "self_attention.dense",                                  # Falcon, Bloom
+    "self_attn.out_proj", "fc2", "attn.out_proj", "mlp.fc_out",  # OPT, GPT-J
+    "self_attn.dense", "mlp.fc2",                            # Phi
+    "block_sparse_moe.experts.*.w2", "feed_forward.w2",
+)
+
+
+def _candidates(block: nn.Module, prefix: str) -> dict[str, nn.Module]:
+    from ..plan import module_kind
+
+    out = {}
+    for name, mod in block.named_modules():
+        if name and module_kind(mod) in ("linear", "conv1d") and not name.endswith("base_layer"):
+            if ".lora_" in f".{name}" or "lora_" in name.split(".")[-1]:
+                continue
+            out[f"{prefix}{name}"] = mod
+    return out
+
+
+def _trace_writers(model: nn.Module, blocks: nn.ModuleList, prefix: str, d: int) -> list[list[str]] | None:
+    """Writers per block from one forward pass: the smallest set of d-output modules whose
+    outputs sum to the block's residual update (output − input). None if that fails."""
+    import itertools
+
+    from ..plan import io_dims
+
+    cands = [{n: m for n, m in _candidates(b, f"{prefix}{i}.").items() if io_dims(m)[1] == d}
+             for i, b in enumerate(blocks)]
+    ins: dict[int, torch.Tensor] = {}
+    outs: dict[int, torch.Tensor] = {}
+    mod_out: dict[str, torch.Tensor] = {}
+    handles = []
+    try:
+        for i, b in enumerate(blocks):
+            def pre(m, args, kwargs, i=i):
+                h = args[0] if args else kwargs.get("hidden_states")
+                ins[i] = h.detach().float()
+
+            def post(m, args, output, i=i):
+                outs[i] = block_hidden(output).detach().float()
+
+            handles.append(b.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(b.register_forward_hook(post))
+            for n, m in cands[i].items():
+                handles.append(m.register_forward_hook(
+                    lambda mod, a, o, n=n: mod_out.__setitem__(n, o.detach().float())))
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 8
+        ids = (torch.arange(1, 7) % vocab)[None].to(model_device(model))
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                model(input_ids=ids, use_cache=False)
+        finally:
+            model.train(was)
+    except Exception:
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+    result = []
+    for i in range(len(blocks)):
+        if i not in ins or i not in outs:
+            return None
+        delta = outs[i] - ins[i]
+        names = [n for n in cands[i] if n in mod_out and mod_out[n].shape == delta.shape]
+        found = None
+        for size in range(1, min(4, len(names)) + 1):
+            hits = []
+            for combo in itertools.combinations(names, size):
+                total = sum(mod_out[n] for n in combo)
+                if (delta - total).norm() <= 1e-4 * delta.norm() + 1e-6:
+                    hits.append(list(combo))
+            if len(hits) == 1:
+                found = hits[0]
+                break
+            if len(hits) > 1:
+                return None  # ambiguous
+        if found is None:
+            return None
+        result.append(found)
+    return result
+
+
+def block_io_modules(model: nn.Module) -> list[dict[str, list[str]]]:
+    """Residual writers and readers of each decoder block (module names in the unwrapped model).
+
+    Writers are found from the dataflow: one forward pass on a few tokens, keeping the smallest
+    set of Linear/Conv1D modules with output size d whose outputs add up to the block's residual
+    update (attention output and MLP down projections in pre-norm blocks, parallel or
+    sequential). If that fails (e.g. post-norm on the branches), module names are matched
+    against :data:`KNOWN_WRITER_SUFFIXES`. Readers are the block's other Linear/Conv1D modules
+    with input size d (q/k/v, gate/up, ``c_attn``/``c_fc``, ``query_key_value``/``dense_h_to_4h``).
+    """
+    import fnmatch
+
+    from ..plan import io_dims
+
+    m = unwrap_model(model)
+    blocks = decoder_layers(m)
+    prefix = decoder_layers_path(m) + "."
+    d = model_hidden_size(m)
+    writers = _trace_writers(m, blocks, prefix, d)
+    if writers is None:
+        writers = []
+        for i, b in enumerate(blocks):
+            cands = _candidates(b, f"{prefix}{i}.")
+            writers.append([n for n in cands if any(fnmatch.fnmatchcase(n, f"*{s}") for s in KNOWN_WRITER_SUFFIXES)])
+    out = []
+    for i, b in enumerate(blocks):
+        cands = _candidates(b, f"{prefix}{i}.")
+        readers = [n for n, mod in cands.items() if io_dims(mod)[0] == d and n not in writers[i]]
+        out.append({"writers": writers[i], "readers": readers})
+    return out
