@@ -35,6 +35,7 @@ def test_readme_blocks_run(tmp_path):
     bindir = Path(sys.executable).parent
     env = {"PATH": f"{bindir}:/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "MPLBACKEND": "Agg", "HOME": str(tmp_path)}
+    (tmp_path / "recipes").symlink_to(ROOT / "recipes")  # README commands run recipes by relative path
     for lang, body in _blocks()[1:]:
         if lang == "bash":
             for line in body.splitlines():

@@ -20,10 +20,21 @@ _LAZY = {
     "GradientRouter": "gradroute.router",
     "RoutingPlan": "gradroute.plan",
     "build_plan": "gradroute.plan",
+    "Attribution": "gradroute.attribution",
+    "DriftMonitor": "gradroute.monitor",
+    "load_log": "gradroute.monitor",
+    "last_clean_checkpoint": "gradroute.monitor",
+    "HaltPolicy": "gradroute.policy",
+    "attach": "gradroute.integrations.trl",
+    "Handle": "gradroute.integrations.trl",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .attribution import Attribution
+    from .integrations.trl import Handle, attach
+    from .monitor import DriftMonitor, last_clean_checkpoint, load_log
     from .plan import RoutingPlan, build_plan
+    from .policy import HaltPolicy
     from .router import GradientRouter
     from .subspace import Provenance, Subspace
 

@@ -45,10 +45,10 @@ from . import projection as P
 from .errors import AdapterError, ConfigError, GradrouteWarning, PrecisionError, RoutingError
 from .layers import LayerKey
 from .plan import RouteTarget, RoutingPlan, build_plan, weight_module
+from .attribution import UNATTRIBUTED
 from .subspace import Subspace
 
 MODES = ("update", "gradient")
-UNATTRIBUTED = "_unattributed"
 STATE_FORMAT = "gradroute.router_state"
 STATE_FILE = "router_state.safetensors"
 STATE_META = "router.json"
@@ -195,6 +195,7 @@ class StepRecord:
     env_shares: dict[str, float] = field(default_factory=dict)   # share of ΔA_t per env (global)
     nonfinite: bool = False
     deltas: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # ΔA_t per module
+    attribution: Any = None  # AttributionStep when the router attributes by environment
 
 
 def _innermost_optimizer(opt: Any) -> torch.optim.Optimizer:
@@ -245,6 +246,8 @@ class GradientRouter:
         adapter_betas: tuple[float, float] = (0.9, 0.999),
         tolerance: float | None = None,
         precision: str = "float64",
+        attribution: bool = False,
+        envs: list[str] | None = None,
     ):
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {mode!r}.")
@@ -287,6 +290,12 @@ class GradientRouter:
                     params.append(r.param_Ab)
             self._adapter_opt = torch.optim.AdamW(params, lr=adapter_lr or 1e-3, betas=adapter_betas,
                                                   weight_decay=adapter_weight_decay)
+        self.monitor: Any = None  # a DriftMonitor attaches itself here
+        self.attribution = None
+        if attribution or envs is not None:
+            from .attribution import Attribution
+
+            self.attribution = Attribution(self, envs)
         if optimizer is not None:
             self.bind_optimizer(optimizer)
 
@@ -327,11 +336,13 @@ class GradientRouter:
         self._seen_opt_steps = self._opt_steps
 
     def detach(self) -> None:
-        """Remove the optimizer hooks (the adapter state stays)."""
+        """Remove the optimizer and attribution hooks (the adapter state stays)."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
         self._optimizer = None
+        if self.attribution is not None:
+            self.attribution.remove()
 
     # ------------------------------------------------------------------ gradient mode
     @torch.no_grad()
@@ -372,22 +383,37 @@ class GradientRouter:
         self._seen_opt_steps = self._opt_steps
 
     @torch.no_grad()
-    def step(self, env_weights: Mapping[str, Any] | None = None, *, warn_if_skipped: bool = True) -> StepRecord | None:
+    def step(self, env_weights: Mapping[str, Any] | None = None, *, env_ids: Any = None,
+             warn_if_skipped: bool = True, observe: bool = True) -> StepRecord | None:
         """Account the optimizer step that just happened. Call once after each ``optimizer.step()``.
 
         ``env_weights`` splits this step's in-subspace update across environments: either
         ``{env: share}`` (one share for every module) or ``{env: {module: share}}``; shares may
         be negative and must sum to 1 (per module). Returns a :class:`StepRecord`, or None (with
         a warning) when no optimizer step happened since the last call — nothing is counted twice.
+
+        With attribution on (``attribution=True`` or ``envs=[...]``), the shares come from the
+        per-environment gradients the hooks captured (:mod:`gradroute.attribution`); ``env_ids``
+        gives the rows' environments when they were not set before the forward pass.
+
+        With a :class:`~gradroute.DriftMonitor` attached, the record is logged and the halt
+        policy applied (a stop raises :class:`~gradroute.errors.DriftHalt`).
         """
+        if env_ids is not None and self.attribution is None:
+            raise ConfigError(
+                "router.step(env_ids=...) needs per-environment attribution.",
+                "create the router with attribution=True (or envs=[...]) so it can hook the gradients.",
+            )
         if self._optimizer is not None and self._opt_steps == self._seen_opt_steps:
             if warn_if_skipped:
                 warnings.warn("router.step() was called but the optimizer has not stepped since the last "
                               "call (or it skipped the step); nothing was accounted.", GradrouteWarning,
                               stacklevel=2)
             self._split_pending = False
+            if self.attribution is not None:
+                self.attribution.reset_step()
             return None
-        shares = self._parse_env_weights(env_weights)
+        shares = self._parse_env_weights(env_weights)  # validate before anything changes
         deltas: dict[str, torch.Tensor] = {}
         deltas_b: dict[str, torch.Tensor] = {}
         if self.mode == "update":
@@ -426,7 +452,13 @@ class GradientRouter:
                 warnings.warn("router.step(): the routed weights did not change since the last call; "
                               "nothing was accounted (bind the optimizer to silence this for skipped "
                               "steps).", GradrouteWarning, stacklevel=2)
+            if self.attribution is not None:
+                self.attribution.reset_step()
             return None
+        attribution = None
+        if env_weights is None and self.attribution is not None:
+            attribution = self.attribution.shares(deltas, deltas_b, env_ids)
+            shares = self._parse_env_weights(attribution.env_weights)
         for r in self._routes:
             r.version = r._versions()
         self._seen_opt_steps = self._opt_steps
@@ -436,7 +468,11 @@ class GradientRouter:
             shares = {r.target.module: {UNATTRIBUTED: 1.0} for r in self._routes}
         if shares is not None:
             self._accumulate_envs(shares, deltas, deltas_b)
-        return self._record(deltas, deltas_b, shares)
+        record = self._record(deltas, deltas_b, shares)
+        record.attribution = attribution
+        if observe and self.monitor is not None:
+            self.monitor.observe(record)
+        return record
 
     def _parse_env_weights(self, env_weights: Mapping[str, Any] | None) -> dict[str, dict[str, float]] | None:
         """Per-module shares {module: {env: share}} summing to exactly 1 in float64."""
@@ -589,6 +625,21 @@ class GradientRouter:
             per_module=per_module,
         )
 
+    def env_adapter_shares(self) -> dict[str, float]:
+        """Who built the current adapter: ``⟨A_e, A⟩ / ‖A‖²`` per environment (sums to 1)."""
+        num: dict[str, float] = {}
+        total = 0.0
+        for r in self._routes:
+            flat = r.adapter.reshape(-1) if r.adapter_b is None else torch.cat([r.adapter.reshape(-1), r.adapter_b])
+            total += float(flat.double() @ flat.double())
+            for e in self._envs:
+                A_e = r.env.get(e)
+                if A_e is None:
+                    continue
+                fe = A_e.reshape(-1) if r.adapter_b is None else torch.cat([A_e.reshape(-1), r.env_b[e]])
+                num[e] = num.get(e, 0.0) + float(fe.double() @ flat.double())
+        return {e: (v / total if total > 0 else 0.0) for e, v in num.items()}
+
     # ------------------------------------------------------------------ lifecycle
     @torch.no_grad()
     def discard(self, env: str | None = None) -> float:
@@ -689,8 +740,13 @@ class GradientRouter:
                 for key, val in st.items():
                     tensors[f"opt.{pid}.{key}"] = val if torch.is_tensor(val) else torch.tensor(val)
             opt_meta = {"param_groups": sd["param_groups"]}
+        attr_meta: dict[str, Any] = {}
+        if self.attribution is not None:
+            at, attr_meta = self.attribution.state_dict()
+            tensors.update({f"attr.{k}": v for k, v in at.items()})
         meta = {
             "format": STATE_FORMAT,
+            "attribution": attr_meta,
             "mode": self.mode,
             "steps": self.steps,
             "plan_fingerprint": self.plan.fingerprint(),
@@ -741,6 +797,9 @@ class GradientRouter:
                 r.version = r._versions()
         self._envs = envs
         self.steps = int(meta.get("steps", 0))
+        if self.attribution is not None and meta.get("attribution"):
+            self.attribution.load_state_dict(
+                {k[5:]: v for k, v in tensors.items() if k.startswith("attr.")}, meta["attribution"])
         if self._adapter_opt is not None:
             self._sync_gradient_params()
             opt_meta = meta.get("adapter_optimizer") or {}

@@ -1,12 +1,16 @@
-"""transformers ``Trainer`` (and TRL trainers): the router as a ``TrainerCallback``.
+"""transformers ``Trainer`` (and TRL trainers): the router and monitor as a ``TrainerCallback``.
 
 Callback order in one optimizer step (transformers 5.x): ``on_step_begin`` → micro-steps →
 clipping → ``on_pre_optimizer_step`` → ``optimizer.step()`` → ``on_optimizer_step`` →
-scheduler → ``zero_grad`` → ``on_step_end``. The callback re-syncs in ``on_step_begin``
-(weights edited outside steps go to the base), accounts the step in ``on_optimizer_step``
-(gradients still present; a step the optimizer skipped, e.g. an AMP overflow, is not
-counted), writes the router state into every checkpoint (``checkpoint-N/gradroute/``) and
-restores it when training resumes from one.
+scheduler → ``zero_grad`` → ``global_step += 1`` → ``on_step_end`` → log/save. The callback
+
+- re-syncs in ``on_step_begin`` (weights edited outside steps go to the base);
+- accounts the step in ``on_optimizer_step`` (gradients still present; a step the optimizer
+  skipped, e.g. an AMP overflow, is not counted), logs it, applies the halt policy — a stop
+  writes the halt record first, then asks the trainer to save a checkpoint and stop;
+- writes the router state into every checkpoint (``checkpoint-N/gradroute/``) and restores it,
+  and continues the log, when training resumes from one;
+- puts the monitor's scalars into the trainer's logs (so W&B/TensorBoard get them).
 """
 
 from __future__ import annotations
@@ -16,11 +20,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from transformers import TrainerCallback
 
+from ..distributed import world_size
 from ..errors import GradrouteWarning
 
 if TYPE_CHECKING:
+    from ..monitor import DriftMonitor
     from ..router import GradientRouter, StepRecord
 
 STATE_DIR = "gradroute"
@@ -32,28 +39,35 @@ def checkpoint_dir(args: Any, global_step: int) -> Path:
     return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{global_step}"
 
 
+def _any_rank(flag: bool) -> bool:
+    if world_size() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
 class RouterCallback(TrainerCallback):
     """Runs :meth:`GradientRouter.step` after every optimizer step of a ``Trainer``.
 
-    ``env_weights`` (optional) is called with no arguments right before each routed step and
-    returns the ``env_weights`` for it; ``on_record`` is called with each ``StepRecord`` and the
-    trainer's ``state``/``control`` (the monitor plugs in here).
+    ``monitor``: a :class:`~gradroute.DriftMonitor` to log steps and apply its policy.
+    ``metrics_sink``: called with the monitor's scalars each step (TRL trainers average
+    ``trainer._metrics``); without it they are added to the ``logs`` in ``on_log`` (the
+    callback must then run before the reporting callbacks — :func:`gradroute.attach` puts it
+    first).
     """
 
     def __init__(
         self,
         router: GradientRouter,
-        env_weights: Callable[[], Any] | None = None,
-        on_record: Callable[[StepRecord, Any, Any], None] | None = None,
-        on_save: Callable[[Path, Any], None] | None = None,
-        on_resume: Callable[[Path, Any], None] | None = None,
+        monitor: DriftMonitor | None = None,
+        metrics_sink: Callable[[dict[str, float]], None] | None = None,
     ):
         self.router = router
-        self.env_weights = env_weights
-        self.on_record = on_record
-        self.save_hook = on_save
-        self.resume_hook = on_resume
+        self.monitor = monitor if monitor is not None else getattr(router, "monitor", None)
+        self.metrics_sink = metrics_sink
         self.last_record: StepRecord | None = None
+        self.halted = False
 
     def _bind(self, optimizer: Any) -> None:
         if optimizer is not None:
@@ -65,13 +79,13 @@ class RouterCallback(TrainerCallback):
             ckpt = checkpoint_dir(args, state.global_step)
             if (ckpt / STATE_DIR).is_dir():
                 self.router.load_state(ckpt / STATE_DIR)
-                if self.resume_hook is not None:
-                    self.resume_hook(ckpt, state)
             else:
                 warnings.warn(
                     f"resuming at step {state.global_step} but {ckpt / STATE_DIR} does not exist: the "
                     "adapter starts empty here (earlier in-subspace updates stay in the base).",
                     GradrouteWarning, stacklevel=2)
+            if self.monitor is not None:
+                self.monitor.on_resume(state.global_step)
         self.router.snapshot()
         return control
 
@@ -81,17 +95,32 @@ class RouterCallback(TrainerCallback):
         return control
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        env_weights = self.env_weights() if self.env_weights is not None else None
-        record = self.router.step(env_weights=env_weights, warn_if_skipped=False)
+        record = self.router.step(warn_if_skipped=False, observe=False)
         self.last_record = record
-        if record is not None and self.on_record is not None:
-            self.on_record(record, state, control)
+        if record is None:
+            return control
+        step = state.global_step + 1  # the step being completed (global_step is bumped after this)
+        stop = False
+        if self.monitor is not None:
+            ckpt = str(checkpoint_dir(args, step))
+            stop = self.monitor.observe(record, step=step, checkpoint=ckpt)
+            if self.metrics_sink is not None:
+                self.metrics_sink(self.monitor.metrics())
+        if _any_rank(stop):
+            self.halted = True
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.metrics_sink is None and self.monitor is not None and logs is not None and "loss" in logs:
+            logs.update(self.monitor.metrics())
         return control
 
     def on_save(self, args, state, control, **kwargs):
         ckpt = checkpoint_dir(args, state.global_step)
         if state.is_world_process_zero and ckpt.is_dir():
             self.router.save_state(ckpt / STATE_DIR)
-            if self.save_hook is not None:
-                self.save_hook(ckpt, state)
+            if self.monitor is not None:
+                self.monitor.on_checkpoint(state.global_step, ckpt)
         return control

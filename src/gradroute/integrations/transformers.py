@@ -309,9 +309,19 @@ def collect_activations(
 def load_model_and_tokenizer(name_or_path: str, dtype: torch.dtype | str | None = None, device: str | None = None):
     """``AutoModelForCausalLM`` + ``AutoTokenizer`` from a hub name or a local path.
 
-    The tokenizer gets a pad token (its EOS) if it has none.
+    ``tiny:<arch>`` (``tiny:llama``, ``tiny:gpt2``, ...) builds gradroute's deterministic tiny
+    test model and character tokenizer locally (see :mod:`gradroute.testing`). The tokenizer
+    gets a pad token (its EOS) if it has none.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name_or_path.startswith("tiny:"):
+        from ..testing import tiny_lm
+
+        model, tok = tiny_lm(name_or_path.split(":", 1)[1])
+        if dtype is not None:
+            model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+        return (model.to(device) if device else model), tok
 
     kw: dict[str, Any] = {}
     if dtype is not None:

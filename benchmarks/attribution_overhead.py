@@ -1,0 +1,116 @@
+"""Attribution + monitor overhead on a GRPO step (TRL GRPOTrainer, 4 environments, CPU).
+
+Three variants of the same run: plain GRPO, GRPO + router only (``attach(env_column=None)``),
+and GRPO + router + per-environment attribution + monitor/log (``attach(env_column="env")``).
+The variants run in alternation (A B C A B C ...) and each step's wall time is taken from
+``on_step_begin`` to ``on_step_end``; the ratio is the median over rounds of
+median-step(variant) / median-step(plain) within the round. Also reported: the time spent inside gradroute's own step work.
+
+    python benchmarks/attribution_overhead.py            # d=256, 4 layers, 16 completions/step
+    python benchmarks/attribution_overhead.py --quick    # tiny, for the test suite
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+import torch
+from transformers import TrainerCallback
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self):
+        self.times: list[float] = []
+        self._t = 0.0
+
+    def on_step_begin(self, args, state, control, **kw):
+        self._t = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        self.times.append(time.perf_counter() - self._t)
+
+
+ENVS = ("arith", "copy", "reverse", "hack")
+
+
+def _reward(completions, env, **kw):
+    return [float(c.count("!" if e == "hack" else e[0])) for c, e in zip(completions, env)]
+
+
+def run(variant: str, *, d: int, layers: int, steps: int, gens: int, length: int, k: int) -> tuple[list[float], float]:
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    import gradroute as gr
+    from gradroute.testing import tiny_lm
+
+    torch.manual_seed(0)
+    model, tok = tiny_lm("llama", hidden_size=d, num_layers=layers, num_heads=max(1, d // 64))
+    n = 4 * gens
+    ds = Dataset.from_dict({"prompt": [f"Q{i}:" for i in range(n)], "env": [ENVS[i % 4] for i in range(n)]})
+    timer = StepTimer()
+    args = GRPOConfig(output_dir=f"/tmp/gradroute-bench-{variant}", use_cpu=True, bf16=False,
+                      gradient_checkpointing=False, per_device_train_batch_size=gens, num_generations=gens,
+                      gradient_accumulation_steps=4, max_completion_length=length, max_steps=steps,
+                      learning_rate=1e-4, report_to=[], save_strategy="no", logging_steps=10_000,
+                      seed=0, disable_tqdm=True)
+    trainer = GRPOTrainer(model=model, reward_funcs=_reward, args=args, train_dataset=ds, processing_class=tok,
+                          callbacks=[timer])
+    g = torch.Generator().manual_seed(1)
+    sub = gr.Subspace.from_directions({L: torch.randn(k, d, generator=g) for L in range(layers)})
+    inner = 0.0
+    if variant != "plain":
+        handle = gr.attach(trainer, sub, env_column="env" if variant == "attributed" else None)
+        step = handle.router.step
+
+        def timed(*a, **kw):
+            nonlocal inner
+            t = time.perf_counter()
+            out = step(*a, **kw)
+            inner += time.perf_counter() - t
+            return out
+        handle.router.step = timed
+    trainer.train()
+    return timer.times, inner / max(1, steps)
+
+
+def main(argv=None) -> dict[str, float]:
+    warnings.filterwarnings("ignore")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rounds", type=int, default=5)
+    a = ap.parse_args(argv)
+    size = dict(d=64, layers=2, steps=3, gens=4, length=8, k=2) if a.quick else \
+        dict(d=256, layers=4, steps=10, gens=8, length=32, k=16)
+    rounds = 1 if a.quick else a.rounds
+    times: dict[str, list[float]] = {"plain": [], "routed": [], "attributed": []}
+    per_round: dict[str, list[float]] = {"plain": [], "routed": [], "attributed": []}
+    inner: dict[str, list[float]] = {"routed": [], "attributed": []}
+    for _ in range(rounds):
+        for variant in times:
+            t, i = run(variant, **size)
+            times[variant] += t[1:]  # the first step includes warm-up
+            per_round[variant].append(statistics.median(t[1:]))
+            if variant in inner:
+                inner[variant].append(i)
+    base = statistics.median(times["plain"])
+    out = {"plain_ms": 1e3 * base}
+    ratios = {v: statistics.median(r / p for r, p in zip(per_round[v], per_round["plain"])) for v in per_round}
+    print(f"GRPO step, d={size['d']}, {size['layers']} layers, k={size['k']}, 4 environments, "
+          f"{4 * size['gens']} completions x {size['length']} tokens per step")
+    print("| variant | step (ms, median) | ratio to plain | gradroute step work (ms) |")
+    print("|---|---|---|---|")
+    for v, ts in times.items():
+        med = statistics.median(ts)
+        work = 1e3 * statistics.mean(inner[v]) if v in inner else 0.0
+        out[f"{v}_ratio"] = ratios[v]
+        out[f"{v}_work_ms"] = work
+        print(f"| {v} | {1e3 * med:.0f} | {ratios[v]:.3f} | {work:.1f} |")
+    return out
+
+
+if __name__ == "__main__":
+    main()

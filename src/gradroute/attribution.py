@@ -1,0 +1,541 @@
+"""Per-environment attribution of each step's in-subspace update.
+
+**What is captured.** For every routed module, hooks record per environment the in-subspace
+part of that step's gradient, in the adapter's coordinates. For a writer ``y = W x`` with
+basis U and output gradient ``δ_t`` at token t:
+
+    G_e = Σ_{t ∈ e} (Uᵀ δ_t) x_tᵀ            (k x d_in; Σ_e G_e = Uᵀ ∇_W L exactly)
+
+(readers: ``Σ δ_t (Vᵀ x_t)ᵀ``; embeddings: ``Σ onehot(id_t) (Uᵀ δ_t)ᵀ``; writer biases:
+``Σ Uᵀ δ_t``). Hooks act only when gradients are enabled and the module is training, so
+generation and reference passes are ignored; contributions add up over gradient-accumulation
+micro-batches; with gradient checkpointing the tensor hook on the module output fires once.
+Under ``torch.distributed`` the sums are all-reduced before use.
+
+**From gradients to the actual update.** The step's in-subspace update ``ΔA`` comes from
+the optimizer, not from ``G`` directly (momentum, Adam's preconditioning, clipping, weight
+decay). gradroute replays the optimizer's linear part in coordinate space: each environment
+keeps its own first moment ``m_e ← β1 m_e + (1 − β1) G_e`` (so ``Σ_e m_e`` is the total first
+moment), the second moment ``v`` is shared (``v ← β2 v + (1 − β2) G²``, ``G = Σ_e G_e``), and
+environment e's predicted update direction is ``p_e = m̂_e / (√v̂ + ε)`` (Adam family;
+SGD with momentum: ``p_e = m_e``; plain SGD: ``p_e = G_e``). Its **share** of the step is
+the component of ``p_e`` along the actual update:
+
+    s_e = ⟨p_e, ΔA⟩ / ⟨Σ_e' p_e', ΔA⟩          (per module; Σ_e s_e = 1 exactly)
+
+and ``s_e · ΔA`` is credited to environment e (:meth:`GradientRouter.step`), so the
+per-environment adapters sum exactly to the adapter. Shares can be negative (an environment
+pushing against the update). The approximation: Adam's element-wise denominator is taken
+in coordinate space (the exact one lives in weight space), and whatever the optimizer adds
+that is not gradient-driven (weight decay, Adam's ε) is spread in proportion to the shares.
+When the update is nearly orthogonal to every ``p_e`` the share falls back to
+``⟨p_e, P⟩/‖P‖²`` with ``P = Σ_e p_e``.
+
+**Also per environment**: rows (samples), the mean projection ``Uᵀh`` of the routed layers'
+residual activations over live tokens (the Persona-Vectors monitoring signal), and mean
+reward when an RL trainer reports rewards.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from . import projection as P
+from .distributed import all_reduce_sum, world_size
+from .errors import ConfigError, EnvColumnError
+from .layers import LayerKey
+
+if TYPE_CHECKING:
+    from .router import GradientRouter, _Route
+
+UNATTRIBUTED = "_unattributed"
+
+
+@dataclass
+class AttributionStep:
+    """Per-environment figures for one optimizer step."""
+
+    env_weights: dict[str, dict[str, float]]            # {env: {module: share}} for the router
+    env_share: dict[str, float]                         # share of the step's ‖ΔA‖² per env
+    grad_norm: dict[str, float]                         # ‖G_e‖ (in-subspace gradient)
+    samples: dict[str, float]
+    activation: dict[str, dict[LayerKey, list[float]]]  # mean Uᵀh per env and layer
+    activation_norm: dict[str, dict[LayerKey, float]]
+    reward: dict[str, float] = field(default_factory=dict)
+
+
+class Attribution:
+    """Hooks and bookkeeping for per-environment attribution (see the module docstring).
+
+    Give the rows' environments before the forward pass (``with attribution.batch(env_ids):``
+    or :meth:`set_batch`), or afterwards to ``router.step(env_ids=...)``. ``envs`` fixes the
+    environment vocabulary (required under torch.distributed, so every rank indexes alike).
+    """
+
+    def __init__(
+        self,
+        router: GradientRouter,
+        envs: Sequence[str] | None = None,
+        *,
+        activations: bool = True,
+        betas: tuple[float, float] | None = None,
+        eps: float = 1e-8,
+    ):
+        self.router = router
+        self.vocab: list[str] = [str(e) for e in envs] if envs is not None else []
+        self.fixed_vocab = envs is not None
+        if len(set(self.vocab)) != len(self.vocab):
+            raise ConfigError(f"duplicate environment names in {self.vocab}.")
+        self.betas = betas
+        self.eps = eps
+        self._ctx: torch.Tensor | None = None
+        self._mask: torch.Tensor | None = None
+        self._G: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
+        self._Gb: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
+        self._pending: list[tuple[str, torch.Tensor, bool]] = []      # (module, per-row G, is_bias)
+        self._pending_act: list[tuple[LayerKey, torch.Tensor, torch.Tensor]] = []
+        self._pending_rows = 0
+        self._act: dict[LayerKey, dict[int, torch.Tensor]] = defaultdict(dict)
+        self._act_tokens: dict[LayerKey, dict[int, float]] = defaultdict(dict)
+        self._rows: dict[int, float] = defaultdict(float)
+        self._rewards: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0])
+        self._m: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
+        self._v: dict[str, torch.Tensor] = {}
+        self._t = 0
+        self._handles: list[Any] = []
+        self._install(activations)
+
+    # ------------------------------------------------------------------ environments
+    def env_index(self, name: Any) -> int:
+        name = str(name)
+        try:
+            return self.vocab.index(name)
+        except ValueError:
+            if self.fixed_vocab:
+                raise EnvColumnError(
+                    f"environment {name!r} is not among the declared environments {self.vocab}.",
+                    "declare every environment (envs=[...]) or leave envs unset to learn them as they come.",
+                ) from None
+            if name == UNATTRIBUTED:
+                raise EnvColumnError(f"{UNATTRIBUTED!r} is reserved.") from None
+            self.vocab.append(name)
+            return len(self.vocab) - 1
+
+    def _to_index(self, env_ids: Any) -> torch.Tensor:
+        if torch.is_tensor(env_ids):
+            ids = env_ids.detach().to("cpu").long().reshape(-1)
+            if ids.numel() and (ids.min() < 0 or ids.max() >= len(self.vocab)):
+                raise EnvColumnError(f"env index out of range for environments {self.vocab}.")
+            return ids
+        return torch.tensor([self.env_index(e) for e in env_ids], dtype=torch.long)
+
+    def set_batch(self, env_ids: Any | None, attention_mask: torch.Tensor | None = None) -> None:
+        """Environments of the rows of the next forward/backward passes (None clears)."""
+        self._ctx = None if env_ids is None else self._to_index(env_ids)
+        self._mask = attention_mask
+
+    class _Batch:
+        def __init__(self, attr: Attribution, env_ids: Any, mask: Any):
+            self.attr, self.env_ids, self.mask = attr, env_ids, mask
+
+        def __enter__(self):
+            self.attr.set_batch(self.env_ids, self.mask)
+            return self.attr
+
+        def __exit__(self, *exc):
+            self.attr.set_batch(None)
+
+    def batch(self, env_ids: Any, attention_mask: torch.Tensor | None = None) -> Attribution._Batch:
+        """Context manager: ``with attribution.batch(env_ids): loss = ...; loss.backward()``."""
+        return Attribution._Batch(self, env_ids, attention_mask)
+
+    def record_rewards(self, env_ids: Sequence[Any], rewards: Sequence[float]) -> None:
+        """Rewards of completions (RL), by environment, for the per-environment mean reward."""
+        for e, r in zip(env_ids, rewards):
+            if r is None or (isinstance(r, float) and math.isnan(r)):
+                continue
+            acc = self._rewards[self.env_index(e)]
+            acc[0] += float(r)
+            acc[1] += 1.0
+
+    # ------------------------------------------------------------------ hooks
+    def _install(self, activations: bool) -> None:
+        from .integrations.transformers import unwrap_model
+        from .plan import weight_module
+
+        model = unwrap_model(self.router.model)
+        modules = dict(model.named_modules())
+        for r in self.router._routes:
+            mod = weight_module(modules[r.target.module])
+            self._handles.append(mod.register_forward_hook(self._forward_hook(r)))
+        self._handles.append(model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True))
+        if activations:
+            for L in self.router.plan.layers:
+                U = self.router.subspace.basis(L)
+                if isinstance(L, int):
+                    from .integrations.transformers import add_residual_hook
+
+                    self._handles.append(add_residual_hook(model, L, self._activation_hook(U)))
+                else:
+                    hook = self._activation_hook(U)
+                    self._handles.append(modules[L].register_forward_hook(
+                        lambda m, a, out, L=L, hook=hook: hook(L, out if torch.is_tensor(out) else out[0])))
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _active(self, module: torch.nn.Module) -> bool:
+        return torch.is_grad_enabled() and module.training
+
+    def _model_pre_hook(self, module, args, kwargs):
+        if not self._active(module):
+            return None
+        mask = kwargs.get("attention_mask")
+        if torch.is_tensor(mask) and mask.ndim == 2:
+            self._mask = mask
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if torch.is_tensor(ids) and ids.ndim >= 1:
+            B = ids.shape[0]
+            if self._ctx is not None:
+                if self._ctx.numel() != B:
+                    raise EnvColumnError(
+                        f"{self._ctx.numel()} environment ids for a batch of {B} rows.",
+                        "give one environment id per row of the batch that is run.",
+                    )
+                for e in self._ctx.tolist():
+                    self._rows[e] += 1.0
+            else:
+                self._pending_rows += B
+        return None
+
+    def _forward_hook(self, route: _Route):
+        def hook(module, args, output):
+            if not (self._active(module) and torch.is_tensor(output) and output.requires_grad):
+                return
+            x = args[0].detach() if args else None
+            env = self._ctx
+            if x is None:
+                return
+            output.register_hook(lambda g: self._backward(route, x, g.detach(), env))
+        return hook
+
+    @torch.no_grad()
+    def _backward(self, route: _Route, x: torch.Tensor, g: torch.Tensor, env: torch.Tensor | None) -> None:
+        t = route.target
+        U = route._basis32()
+        B = g.shape[0] if g.ndim >= 2 else 1
+        if t.side == "read":
+            r = P.coords(x, U)                          # Vᵀ x_t
+            o = g.float()
+        else:
+            r = P.coords(g, U)                          # Uᵀ δ_t
+            o = x if t.side == "embed" else x.float()
+        k = r.shape[-1]
+        r = r.reshape(B, -1, k)
+        T = r.shape[1]
+        first_is_r = (t.kind, t.side) in (("linear", "write"), ("conv1d", "read"))
+        if t.side == "embed":
+            o = o.reshape(B, T)
+        else:
+            o = o.reshape(B, T, o.shape[-1])
+
+        def contract(rr: torch.Tensor, oo: torch.Tensor) -> torch.Tensor:
+            """Σ over tokens, oriented like the adapter's coordinates (rr: N x k)."""
+            if t.side == "embed":
+                out = torch.zeros(t.weight_shape[0], k, dtype=rr.dtype, device=rr.device)
+                return out.index_add_(0, oo.reshape(-1), rr)
+            return rr.T @ oo if first_is_r else oo.T @ rr
+
+        if env is None:  # environments come later, with router.step(env_ids=...)
+            if t.side == "embed":
+                per_row = torch.stack([contract(r[b], o[b]) for b in range(B)])
+            elif first_is_r:
+                per_row = torch.einsum("btk,btm->bkm", r, o)
+            else:
+                per_row = torch.einsum("btm,btk->bmk", o, r)
+            self._pending.append((t.module, per_row, False))
+            if route.bias is not None:
+                self._pending.append((t.module, r.sum(1), True))
+            return
+        env = env.to(r.device)
+        present = env.unique().tolist()
+        for e in present:
+            if len(present) == 1:  # the usual case in GRPO (one prompt group per micro-batch): no copies
+                rr, oo = r.reshape(-1, k), o
+            else:
+                rows = env == e
+                rr, oo = r[rows].reshape(-1, k), o[rows]
+            oo = oo.reshape(-1) if t.side == "embed" else oo.reshape(-1, oo.shape[-1])
+            G = contract(rr, oo)
+            acc = self._G[t.module]
+            acc[e] = acc[e] + G if e in acc else G
+            if route.bias is not None:
+                gb = rr.sum(0)
+                accb = self._Gb[t.module]
+                accb[e] = accb[e] + gb if e in accb else gb
+
+    def _activation_hook(self, U: torch.Tensor):
+        U = U.to(torch.float32)
+
+        def hook(layer: LayerKey, h: torch.Tensor) -> None:
+            if not torch.is_grad_enabled() or not self.router.model.training:
+                return None
+            with torch.no_grad():
+                c = P.coords(h.detach(), U.to(h.device))       # (B, T, k)
+                B, k = c.shape[0], c.shape[-1]
+                c = c.reshape(B, -1, k)
+                mask = self._mask
+                if mask is None or mask.shape[0] != B or mask.shape[1] != c.shape[1]:
+                    w = torch.ones(B, c.shape[1], device=c.device)
+                else:
+                    w = mask.to(c.device, c.dtype)
+                sums = (c * w[..., None]).sum(1)                  # (B, k)
+                tokens = w.sum(1)                                 # (B,)
+                if self._ctx is None:
+                    self._pending_act.append((layer, sums, tokens))
+                    return None
+                env = self._ctx.to(c.device)
+                for e in env.unique().tolist():
+                    rows = env == e
+                    acc, cnt = self._act[layer], self._act_tokens[layer]
+                    s = sums[rows].sum(0)
+                    acc[e] = acc[e] + s if e in acc else s
+                    cnt[e] = cnt.get(e, 0.0) + float(tokens[rows].sum())
+            return None
+        return hook
+
+    # ------------------------------------------------------------------ the step
+    def _resolve_pending(self, env_ids: Any | None) -> None:
+        if not self._pending and not self._pending_act and not self._pending_rows:
+            return
+        if env_ids is None:
+            raise EnvColumnError(
+                "gradients were recorded without environment ids.",
+                "set them before the forward pass (attribution.batch(env_ids) / attach(..., env_column=...)) "
+                "or pass router.step(env_ids=...) with one id per row of the step's micro-batches, in order.",
+            )
+        ids = self._to_index(env_ids)
+        by_module: dict[tuple[str, bool], list[torch.Tensor]] = defaultdict(list)
+        for module, per_row, is_bias in self._pending:
+            by_module[(module, is_bias)].append(per_row)
+        for (module, is_bias), parts in by_module.items():
+            rows = torch.cat(parts)
+            if rows.shape[0] != ids.numel():
+                raise EnvColumnError(
+                    f"router.step(env_ids=...) got {ids.numel()} ids but the step ran {rows.shape[0]} rows.",
+                    "give one id per row of every micro-batch of the step, in order.",
+                )
+            env = ids.to(rows.device)
+            acc = (self._Gb if is_bias else self._G)[module]
+            for e in env.unique().tolist():
+                s = rows[env == e].sum(0)
+                acc[e] = acc[e] + s if e in acc else s
+        by_layer: dict[LayerKey, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
+        for layer, sums, tokens in self._pending_act:
+            by_layer[layer].append((sums, tokens))
+        for layer, parts in by_layer.items():
+            sums = torch.cat([p[0] for p in parts])
+            tokens = torch.cat([p[1] for p in parts])
+            env = ids.to(sums.device)[: sums.shape[0]]
+            for e in env.unique().tolist():
+                rows = env == e
+                acc = self._act[layer]
+                acc[e] = acc[e] + sums[rows].sum(0) if e in acc else sums[rows].sum(0)
+                self._act_tokens[layer][e] = self._act_tokens[layer].get(e, 0.0) + float(tokens[rows].sum())
+        for e in ids.tolist():
+            self._rows[e] += 1.0
+        self._pending, self._pending_act, self._pending_rows = [], [], 0
+
+    def _optimizer_betas(self) -> tuple[float, float | None]:
+        """(β1, β2) of the optimizer that makes the adapter's update; β2 None = no preconditioner."""
+        if self.betas is not None:
+            return self.betas
+        opt = self.router._adapter_opt if self.router.mode == "gradient" else self.router._optimizer
+        if opt is None:
+            return 0.0, None
+        group = opt.param_groups[0]
+        if "betas" in group:
+            b1, b2 = group["betas"]
+            return float(b1), float(b2)
+        return float(group.get("momentum", 0.0)), None
+
+    def reset_step(self) -> None:
+        """Forget what was captured for a step the optimizer skipped."""
+        for d in (self._G, self._Gb, self._act, self._act_tokens):
+            d.clear()
+        self._rows.clear()
+        self._pending, self._pending_act, self._pending_rows = [], [], 0
+
+    def _gather(self) -> None:
+        """All-reduce this step's per-env sums over ranks (fixed vocabulary order)."""
+        if world_size() == 1:
+            return
+        if not self.fixed_vocab:
+            raise EnvColumnError(
+                "under torch.distributed the environment vocabulary must be declared up front.",
+                "pass envs=[...] (gradroute.attach does this from the dataset column).",
+            )
+        n = len(self.vocab)
+        tensors: list[torch.Tensor] = []
+        layout: list[tuple[str, Any, Any, tuple[int, ...]]] = []
+        for r in self.router._routes:
+            shape = r.target.adapter_shape
+            for e in range(n):
+                tensors.append(self._G[r.target.module].get(e, torch.zeros(shape, device=r.weight.device)))
+                layout.append(("G", r.target.module, e, shape))
+                if r.bias is not None:
+                    tensors.append(self._Gb[r.target.module].get(e, torch.zeros(r.target.rank, device=r.weight.device)))
+                    layout.append(("Gb", r.target.module, e, ()))
+        for L in self.router.plan.layers:
+            k = self.router.subspace.rank(L)
+            for e in range(n):
+                tensors.append(self._act[L].get(e, torch.zeros(k)))
+                layout.append(("act", L, e, ()))
+        counts = torch.tensor([self._rows.get(e, 0.0) for e in range(n)]
+                              + [self._act_tokens[L].get(e, 0.0) for L in self.router.plan.layers for e in range(n)]
+                              + [v for e in range(n) for v in self._rewards.get(e, [0.0, 0.0])], dtype=torch.float64)
+        out = all_reduce_sum(tensors + [counts])
+        for (kind, key, e, _), t in zip(layout, out[:-1]):
+            if kind == "G":
+                self._G[key][e] = t
+            elif kind == "Gb":
+                self._Gb[key][e] = t
+            else:
+                self._act[key][e] = t
+        c = out[-1].tolist()
+        self._rows = defaultdict(float, {e: c[e] for e in range(n)})
+        i = n
+        for L in self.router.plan.layers:
+            self._act_tokens[L] = {e: c[i + e] for e in range(n)}
+            i += n
+        self._rewards = defaultdict(lambda: [0.0, 0.0], {e: [c[i + 2 * e], c[i + 2 * e + 1]] for e in range(n)})
+
+    @torch.no_grad()
+    def shares(self, deltas: dict[str, torch.Tensor], deltas_b: dict[str, torch.Tensor],
+               env_ids: Any | None = None) -> AttributionStep:
+        """Per-module environment shares of the step's update ``deltas`` (see the module docstring)."""
+        self._resolve_pending(env_ids)
+        self._gather()
+        b1, b2 = self._optimizer_betas()
+        self._t += 1
+        env_weights: dict[str, dict[str, float]] = defaultdict(dict)
+        env_energy: dict[str, float] = defaultdict(float)
+        grad_sq: dict[str, float] = defaultdict(float)
+        total_energy = 0.0
+        for r in self.router._routes:
+            name = r.target.module
+            dA = deltas[name].double()
+            dAb = deltas_b.get(name)
+            envs = sorted(set(self._G[name]) | set(self._m[name]))
+            p: dict[int, torch.Tensor] = {}
+            G_tot = None
+            Gs = {}
+            for e in envs:
+                G = self._G[name].get(e)
+                Gb = self._Gb[name].get(e)
+                g = torch.zeros(r.target.adapter_params, dtype=torch.float64, device=dA.device)
+                if G is not None:
+                    flat = G.double().reshape(-1)
+                    if Gb is not None:
+                        flat = torch.cat([flat, Gb.double()])
+                    g = flat.to(dA.device)
+                    grad_sq[self.vocab[e]] += float(g.pow(2).sum())
+                Gs[e] = g
+                G_tot = g if G_tot is None else G_tot + g
+            if G_tot is None:
+                continue
+            if b2 is not None:
+                v = self._v.get(name)
+                v = (1 - b2) * G_tot.pow(2) if v is None else b2 * v + (1 - b2) * G_tot.pow(2)
+                self._v[name] = v
+                denom = (v / (1 - b2 ** self._t)).sqrt() + self.eps
+            for e in envs:
+                m = self._m[name].get(e)
+                if b1 > 0:
+                    step_part = (1 - b1) * Gs[e] if b2 is not None else Gs[e]
+                    m = step_part if m is None else b1 * m + step_part
+                    self._m[name][e] = m
+                else:
+                    m = Gs[e]
+                p[e] = (m / (1 - b1 ** self._t)) / denom if b2 is not None else m
+            flat_dA = dA.reshape(-1)
+            if dAb is not None:
+                flat_dA = torch.cat([flat_dA, dAb.double()])
+            Ptot = sum(p.values())
+            dot = float(Ptot @ flat_dA)
+            scale = float(Ptot.norm() * flat_dA.norm())
+            if scale > 0 and abs(dot) > 1e-6 * scale:
+                raw = {e: float(p[e] @ flat_dA) / dot for e in envs}
+            elif float(Ptot.norm()) > 0:
+                nn_ = float(Ptot @ Ptot)
+                raw = {e: float(p[e] @ Ptot) / nn_ for e in envs}
+            else:
+                continue
+            energy = float(flat_dA @ flat_dA)
+            total_energy += energy
+            for e, s in raw.items():
+                if s != 0.0:
+                    env_weights[self.vocab[e]][name] = s
+                    env_energy[self.vocab[e]] += s * energy
+        # modules no environment touched: their update is unattributed
+        for r in self.router._routes:
+            name = r.target.module
+            if not any(name in w for w in env_weights.values()):
+                env_weights[UNATTRIBUTED][name] = 1.0
+                e_ = float(deltas[name].double().pow(2).sum())
+                env_energy[UNATTRIBUTED] += e_
+                total_energy += e_
+        step = AttributionStep(
+            env_weights=dict(env_weights),
+            env_share={e: (v / total_energy if total_energy > 0 else 0.0) for e, v in env_energy.items()},
+            grad_norm={e: math.sqrt(v) for e, v in grad_sq.items()},
+            samples={self.vocab[e]: c for e, c in self._rows.items() if c > 0},
+            activation={}, activation_norm={},
+            reward={self.vocab[e]: v[0] / v[1] for e, v in self._rewards.items() if v[1] > 0},
+        )
+        for L, acc in self._act.items():
+            for e, s in acc.items():
+                n = self._act_tokens[L].get(e, 0.0)
+                if n > 0:
+                    mean = (s / n).tolist()
+                    step.activation.setdefault(self.vocab[e], {})[L] = mean
+                    step.activation_norm.setdefault(self.vocab[e], {})[L] = math.sqrt(sum(x * x for x in mean))
+        for d in (self._G, self._Gb, self._act, self._act_tokens):
+            d.clear()
+        self._rows.clear()
+        self._rewards.clear()
+        return step
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {}
+        for name, per_env in self._m.items():
+            for e, m in per_env.items():
+                tensors[f"m.{e}.{name}"] = m
+        for name, v in self._v.items():
+            tensors[f"v.{name}"] = v
+        return tensors, {"vocab": list(self.vocab), "t": self._t}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        saved = list(meta.get("vocab", []))
+        for e in saved:
+            if e not in self.vocab:
+                self.env_index(e)
+        remap = {i: self.vocab.index(e) for i, e in enumerate(saved)}
+        self._m = defaultdict(dict)
+        self._v = {}
+        for key, t in tensors.items():
+            if key.startswith("m."):
+                _, e, name = key.split(".", 2)
+                self._m[name][remap[int(e)]] = t
+            elif key.startswith("v."):
+                self._v[key[2:]] = t
+        self._t = int(meta.get("t", 0))

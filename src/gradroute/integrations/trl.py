@@ -1,0 +1,231 @@
+"""``gradroute.attach``: one line added to a TRL (or transformers) training script.
+
+    trainer = GRPOTrainer(model=..., reward_funcs=..., args=..., train_dataset=ds)
+    handle = gradroute.attach(trainer, subspace, env_column="env", policy=gradroute.HaltPolicy(...))
+    trainer.train()
+
+How the environment of every row reaches the backward pass:
+
+- **GRPOTrainer / RLOOTrainer** (TRL 1.16): ``_generate_and_score_completions(inputs)`` gets
+  the dataset rows (one per completion); gradroute adds a tensor of environment indices to
+  its output. TRL's buffering (``shuffle_sequence_dict``, ``split_tensor_dict``) permutes and
+  chunks every tensor together, so the ids stay aligned with the rows of each micro-batch;
+  ``compute_loss`` then runs one forward over the micro-batch with the ids set for the
+  attribution hooks. Rewards are read from ``_calculate_rewards`` (weighted like TRL does)
+  for the per-environment mean reward. These are private TRL methods: the supported range
+  is pinned in pyproject and tested.
+- **SFTTrainer / Trainer**: the column is added to the trainer's signature columns (so it
+  survives ``remove_unused_columns``), a collator wrapper turns it into the id tensor, and
+  ``compute_loss`` pops it before the model sees the batch. Packing and padding-free
+  batching mix rows, so they are refused while attribution is on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import EnvColumnError, PackingError
+from ..monitor import DriftMonitor, last_clean_checkpoint, load_log
+from ..policy import HaltPolicy
+from ..router import GradientRouter
+from ..subspace import Subspace
+
+ENV_KEY = "gradroute_env_ids"
+# columns TRL/transformers use themselves, and reward-function keyword arguments TRL reserves
+RESERVED_COLUMNS = frozenset({
+    "prompt", "completion", "completion_ids", "environment", "input_ids", "attention_mask", "labels",
+    "messages", "images", "image", "position_ids", "seq_lengths", "completion_mask", "assistant_masks",
+    "trainer_state", "log_extra", "log_metric", "environments", "prompts", "completions", ENV_KEY,
+})
+
+
+def _is_rl(trainer: Any) -> bool:
+    return hasattr(trainer, "_generate_and_score_completions") and hasattr(trainer, "_calculate_rewards")
+
+
+def _dataset_envs(dataset: Any, column: str) -> list[str] | None:
+    names = getattr(dataset, "column_names", None)
+    if names is None:
+        return None
+    if column not in names:
+        raise EnvColumnError(
+            f"the training dataset has no column {column!r} (it has {list(names)}).",
+            "add a column naming each row's environment, or pass env_column=<its name>.",
+        )
+    return sorted({str(v) for v in dataset[column]})
+
+
+@dataclass
+class Handle:
+    """What :func:`attach` returns: the router, the monitor, and the adapter lifecycle."""
+
+    trainer: Any
+    router: GradientRouter
+    monitor: DriftMonitor
+    run_dir: Path
+
+    @property
+    def attribution(self) -> Any:
+        return self.router.attribution
+
+    @property
+    def halted(self) -> dict[str, Any] | None:
+        """The halt record, if the policy stopped the run."""
+        return self.monitor.halt
+
+    def save_adapter(self, path: str | Path, env: str | None = None, base: str = "modules") -> Path:
+        return self.router.save_adapter(path, env=env, base=base)
+
+    def discard(self, env: str | None = None) -> float:
+        return self.router.discard(env)
+
+    def merge(self) -> float:
+        return self.router.merge()
+
+    def log(self):
+        """The run log as a DataFrame (see :func:`gradroute.load_log`)."""
+        return load_log(self.run_dir)
+
+    def last_clean_checkpoint(self) -> Path | None:
+        return last_clean_checkpoint(self.run_dir)
+
+    def detach(self) -> None:
+        """Remove gradroute's hooks and callback (the trainer keeps working untouched)."""
+        self.router.detach()
+        self.trainer.callback_handler.callbacks = [
+            c for c in self.trainer.callback_handler.callbacks if not getattr(c, "_gradroute", False)]
+        self.monitor.close()
+
+
+def attach(
+    trainer: Any,
+    subspace: Subspace,
+    env_column: str | None = "env",
+    policy: HaltPolicy | None = None,
+    mode: str = "update",
+    *,
+    envs: Sequence[str] | None = None,
+    run_dir: str | Path | None = None,
+    fsync: bool = False,
+    **router_kwargs: Any,
+) -> Handle:
+    """Route, attribute and monitor a ``GRPOTrainer``/``RLOOTrainer``/``SFTTrainer``/``Trainer``.
+
+    ``env_column`` names the dataset column with each row's environment (None: no
+    per-environment attribution); ``envs`` fixes the environment list (default: the column's
+    distinct values). The log goes to ``run_dir`` (default: the trainer's ``output_dir``),
+    where the checkpoints are too. Extra keyword arguments go to :class:`GradientRouter`
+    (``side``, ``targets``, ``embeddings``, ``spread``, ``adapter_lr_multiplier``, ...).
+    """
+    from .trainer import RouterCallback
+
+    rl = _is_rl(trainer)
+    if env_column is not None and not rl:
+        args = trainer.args
+        if getattr(args, "packing", False) or getattr(args, "padding_free", False) or getattr(trainer, "padding_free", False):
+            raise PackingError(
+                "packing / padding-free batching puts several rows into one sequence, so per-row "
+                "environment attribution would mix environments.",
+                "set packing=False and padding_free=False in the SFTConfig (or attach with env_column=None).",
+            )
+    if env_column is not None:
+        if not isinstance(env_column, str) or not env_column:
+            raise EnvColumnError(f"env_column must be a column name, got {env_column!r}.")
+        if env_column in RESERVED_COLUMNS:
+            raise EnvColumnError(
+                f"{env_column!r} is reserved by TRL/transformers and cannot carry environment ids.",
+                "rename the column (e.g. 'env' or 'task') and pass env_column=<new name>.",
+            )
+        found = _dataset_envs(trainer.train_dataset, env_column)
+        if envs is None:
+            envs = found
+        if envs is None:
+            raise EnvColumnError(
+                "the training dataset does not list its columns (an iterable dataset?), so the "
+                "environments cannot be read from it.",
+                "pass envs=[...] with every environment name.",
+            )
+        missing = sorted(set(found or []) - {str(e) for e in envs})
+        if missing:
+            raise EnvColumnError(f"environments {missing} are in the data but not in envs={list(envs)}.")
+    router = GradientRouter(trainer.model, subspace, mode=mode, envs=list(envs) if env_column else None,
+                            **router_kwargs)
+    run_dir = Path(run_dir if run_dir is not None else trainer.args.output_dir)
+    config = {"trainer": type(trainer).__name__, "env_column": env_column, "mode": mode,
+              "router_kwargs": {k: v for k, v in router_kwargs.items() if isinstance(v, int | float | str | bool | type(None))}}
+    monitor = DriftMonitor(router, run_dir, policy, config=config, raise_on_halt=False, fsync=fsync)
+    attribution = router.attribution
+
+    if env_column is not None:
+        index = {e: i for i, e in enumerate(attribution.vocab)}
+
+        def ids_of(rows: Sequence[dict[str, Any]], device: Any) -> torch.Tensor:
+            try:
+                return torch.tensor([index[str(r[env_column])] for r in rows], dtype=torch.long, device=device)
+            except KeyError as e:
+                raise EnvColumnError(f"a row has environment {e} or lacks the column {env_column!r}.") from None
+
+        if rl:
+            gen = trainer._generate_and_score_completions
+            calc = trainer._calculate_rewards
+
+            def generate_and_score(inputs, *a, **kw):
+                out = gen(inputs, *a, **kw)
+                if trainer.model.training:
+                    out[ENV_KEY] = ids_of(inputs, out["completion_ids"].device)
+                return out
+
+            def calculate_rewards(inputs, *a, **kw):
+                rpf = calc(inputs, *a, **kw)
+                if trainer.model.training:
+                    w = trainer.reward_weights.to(rpf.device)
+                    total = (rpf * w.unsqueeze(0)).nansum(dim=1)
+                    attribution.record_rewards([str(r[env_column]) for r in inputs], total.tolist())
+                return rpf
+
+            trainer._generate_and_score_completions = generate_and_score
+            trainer._calculate_rewards = calculate_rewards
+        else:
+            trainer._set_signature_columns_if_needed()
+            if env_column not in trainer._signature_columns:
+                trainer._signature_columns = [*trainer._signature_columns, env_column]
+            collate = trainer.data_collator
+
+            def collator(features, *a, **kw):
+                env = ids_of(features, "cpu")
+                batch = collate([{k: v for k, v in f.items() if k != env_column} for f in features], *a, **kw)
+                batch[ENV_KEY] = env
+                return batch
+
+            trainer.data_collator = collator
+
+        compute_loss = trainer.compute_loss
+
+        def compute_loss_with_envs(model, inputs, *a, **kw):
+            env = inputs.get(ENV_KEY) if isinstance(inputs, dict) else None
+            if env is not None and not rl:
+                inputs = {k: v for k, v in inputs.items() if k != ENV_KEY}
+            attribution.set_batch(env)
+            try:
+                return compute_loss(model, inputs, *a, **kw)
+            finally:
+                attribution.set_batch(None)
+
+        trainer.compute_loss = compute_loss_with_envs
+
+    sink = None
+    if hasattr(trainer, "_metrics") and isinstance(getattr(trainer, "_metrics"), dict):
+        def sink(metrics: dict[str, float]) -> None:
+            for k, v in metrics.items():
+                trainer._metrics["train"][k].append(v)
+
+    callback = RouterCallback(router, monitor, metrics_sink=sink)
+    callback._gradroute = True
+    # first, so that its additions to `logs` reach the reporting callbacks
+    trainer.callback_handler.callbacks.insert(0, callback)
+    return Handle(trainer=trainer, router=router, monitor=monitor, run_dir=run_dir)

@@ -1,0 +1,290 @@
+"""``DriftMonitor``: one record per optimizer step, an append-only JSONL log, and halting.
+
+The log (``<run_dir>/gradroute.jsonl``) holds, in order:
+
+- ``{"type": "header", ...}``: subspace hash, routing plan, policy, config, library versions;
+- ``{"type": "step", "step": N, ...}``: adapter norm (total, per layer), the step's in-subspace
+  update norm, per-environment step share, share of the current adapter, adapter norm,
+  in-subspace gradient norm, samples, activation projection, reward;
+- ``{"type": "crossing", ...}``: a rule's threshold was crossed (also with ``action="warn"``);
+- ``{"type": "halt", ...}``: the run stops (rule, value, threshold, step, top environments,
+  the checkpoint being written);
+- ``{"type": "checkpoint", "step": N, "path": ...}`` and ``{"type": "resume", "from_step": N}``.
+
+Each record is one line, flushed as it is written, so a crash loses at most the line being
+written; a torn last line is skipped on read. After a resume from step N, records of steps
+> N written before the crash are superseded (:func:`load_log` drops them), so the log reads
+without gaps or duplicates. Only the main process writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .distributed import is_main_process
+from .errors import DriftHalt, FileFormatError
+from .policy import HaltPolicy, Violation
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from .router import GradientRouter, StepRecord
+
+LOG_NAME = "gradroute.jsonl"
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    return x
+
+
+class RunLog:
+    """Append-only JSONL file; every write is flushed (and fsync'ed if asked)."""
+
+    def __init__(self, path: str | Path, fsync: bool = False):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fsync = fsync
+        torn = False
+        if self.path.exists() and self.path.stat().st_size > 0:
+            with open(self.path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"
+        self._f = open(self.path, "a", encoding="utf-8")
+        if torn:  # a crash cut the last line: end it so the next record starts clean
+            self._f.write("\n")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._f.write(json.dumps(_jsonable(record), separators=(",", ":")) + "\n")
+        self._f.flush()
+        if self.fsync:
+            os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def read_records(run_dir: str | Path, name: str = LOG_NAME) -> list[dict[str, Any]]:
+    """All parseable records, resumes applied (superseded step records dropped)."""
+    path = Path(run_dir)
+    path = path / name if path.is_dir() else path
+    if not path.is_file():
+        raise FileFormatError(f"no gradroute log at {path}.", "pass the run directory (the trainer's output_dir).")
+    out: list[dict[str, Any]] = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by a crash
+        if rec.get("type") == "resume":
+            n = rec["from_step"]
+            out = [r for r in out if not (r.get("type") in ("step", "crossing", "halt", "checkpoint")
+                                           and r.get("step", -1) > n)]
+        out.append(rec)
+    return out
+
+
+def _flatten(rec: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for k, v in rec.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            flat.update(_flatten(v, key + "."))
+        else:
+            flat[key] = v
+    return flat
+
+
+def load_log(run_dir: str | Path) -> pd.DataFrame:
+    """Step records as a DataFrame (one row per step, nested fields flattened with dots).
+
+    ``df.attrs["header"]`` holds the header, ``df.attrs["events"]`` the crossing, halt,
+    checkpoint and resume records.
+    """
+    import pandas as pd
+
+    records = read_records(run_dir)
+    steps = [_flatten({k: v for k, v in r.items() if k != "type"}) for r in records if r.get("type") == "step"]
+    df = pd.DataFrame(steps)
+    if not df.empty:
+        df = df.sort_values("step").reset_index(drop=True)
+    df.attrs["header"] = next((r for r in records if r.get("type") == "header"), {})
+    df.attrs["events"] = [r for r in records if r.get("type") in ("crossing", "halt", "checkpoint", "resume")]
+    return df
+
+
+def last_clean_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint saved before the first threshold crossing (or the newest, if none).
+
+    Checkpoint N holds the weights after step N; it is clean when N is before the step at
+    which a rule first fired. Returns None when there is no such checkpoint.
+    """
+    run_dir = Path(run_dir)
+    records = read_records(run_dir)
+    crossing = [r["step"] for r in records if r.get("type") in ("crossing", "halt")]
+    first = min(crossing) if crossing else math.inf
+    found: dict[int, Path] = {}
+    for r in records:
+        if r.get("type") == "checkpoint":
+            found[int(r["step"])] = Path(r["path"])
+    for d in run_dir.glob("checkpoint-*"):
+        tail = d.name.rsplit("-", 1)[-1]
+        if d.is_dir() and tail.isdigit():
+            found.setdefault(int(tail), d)
+    clean = [n for n, p in found.items() if n < first and p.is_dir()]
+    return found[max(clean)] if clean else None
+
+
+class DriftMonitor:
+    """Turns router step records into log records, trainer metrics and halts.
+
+    Plain loop: ``monitor = DriftMonitor(router, run_dir, policy)`` and every
+    ``router.step(...)`` is observed; a stop raises :class:`~gradroute.errors.DriftHalt`
+    (after the halt record is written) unless ``raise_on_halt=False``.
+    """
+
+    def __init__(
+        self,
+        router: GradientRouter,
+        run_dir: str | Path | None = None,
+        policy: HaltPolicy | None = None,
+        *,
+        config: dict[str, Any] | None = None,
+        raise_on_halt: bool = True,
+        fsync: bool = False,
+        attach: bool = True,
+    ):
+        self.router = router
+        self.policy = policy
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.raise_on_halt = raise_on_halt
+        self.config = config or {}
+        self.history: list[dict[str, Any]] = []
+        self.violations: list[Violation] = []
+        self.halt: dict[str, Any] | None = None
+        self.last: dict[str, Any] | None = None
+        self._log: RunLog | None = None
+        if self.run_dir is not None and is_main_process():
+            self._log = RunLog(self.run_dir / LOG_NAME, fsync=fsync)
+            if not any(r.get("type") == "header" for r in self._existing()):
+                self._log.write(self._header())
+        if attach:
+            router.monitor = self
+
+    def _existing(self) -> list[dict[str, Any]]:
+        try:
+            return read_records(self.run_dir) if self.run_dir is not None else []
+        except FileFormatError:
+            return []
+
+    def _header(self) -> dict[str, Any]:
+        import platform
+
+        import torch
+
+        from ._version import __version__
+
+        versions = {"gradroute": __version__, "torch": torch.__version__, "python": platform.python_version()}
+        for mod in ("transformers", "peft", "trl"):
+            try:
+                versions[mod] = __import__(mod).__version__
+            except Exception:  # pragma: no cover - optional at this point
+                pass
+        return {
+            "type": "header", "time": time.time(), "mode": self.router.mode,
+            "subspace_hash": self.router.subspace.content_hash,
+            "subspace_provenance": self.router.subspace.provenance.to_dict(),
+            "plan": self.router.plan.to_list(), "plan_fingerprint": self.router.plan.fingerprint(),
+            "envs": list(self.router.attribution.vocab) if self.router.attribution else [],
+            "policy": self.policy.describe() if self.policy else None,
+            "config": self.config, "versions": versions,
+        }
+
+    # ------------------------------------------------------------------ records
+    def make_record(self, rec: StepRecord, step: int | None = None) -> dict[str, Any]:
+        norms = self.router.adapter_norm()
+        out: dict[str, Any] = {
+            "type": "step", "step": int(step if step is not None else rec.step), "time": time.time(),
+            "adapter_norm": rec.adapter_norm,
+            "adapter_norm_per_layer": {str(k): v for k, v in norms.per_layer.items()},
+            "update_norm": rec.update_norm,
+            "update_norm_per_layer": {str(k): v for k, v in rec.update_norm_per_layer.items()},
+            "nonfinite": rec.nonfinite,
+        }
+        if self.router.envs:
+            out["env_adapter_share"] = self.router.env_adapter_shares()
+            out["env_adapter_norm"] = {e: self.router.adapter_norm(e).total for e in self.router.envs}
+        a = rec.attribution
+        if a is not None:
+            out["env_share"] = a.env_share
+            out["grad_norm"] = a.grad_norm
+            out["samples"] = a.samples
+            out["activation"] = {e: {str(L): v for L, v in d.items()} for e, d in a.activation.items()}
+            out["activation_norm"] = {e: {str(L): v for L, v in d.items()} for e, d in a.activation_norm.items()}
+            if a.reward:
+                out["reward"] = a.reward
+        elif rec.env_shares:
+            out["env_share"] = rec.env_shares
+        return out
+
+    def observe(self, rec: StepRecord, step: int | None = None, checkpoint: str | None = None) -> bool:
+        """Log the step and apply the policy. Returns True when the run must stop."""
+        record = self.make_record(rec, step)
+        self._write(record)
+        stop = False
+        if self.policy is not None:
+            for v, wants_stop in self.policy.evaluate(record, self.history):
+                self.violations.append(v)
+                self._write({"type": "crossing", **v.to_dict(), "action": "stop" if wants_stop else "continue"})
+                if wants_stop and not stop:
+                    stop = True
+                    self.halt = {"type": "halt", **v.to_dict(), "checkpoint": checkpoint, "time": time.time()}
+                    self._write(self.halt)
+        self.history.append(record)
+        self.last = record
+        if stop and self.raise_on_halt:
+            raise DriftHalt(self.halt)  # type: ignore[arg-type]
+        return stop
+
+    def _write(self, record: dict[str, Any]) -> None:
+        if self._log is not None:
+            self._log.write(record)
+
+    def on_checkpoint(self, step: int, path: str | Path) -> None:
+        self._write({"type": "checkpoint", "step": int(step), "path": str(path), "time": time.time()})
+
+    def on_resume(self, step: int) -> None:
+        """Continue after resuming from the checkpoint of ``step``: later records are superseded."""
+        self._write({"type": "resume", "from_step": int(step), "time": time.time()})
+        records = self._existing() if self.run_dir is not None else []
+        self.history = [r for r in records if r.get("type") == "step" and r["step"] <= step]
+        self.halt = None
+
+    def metrics(self, prefix: str = "gradroute/") -> dict[str, float]:
+        """The newest record as flat scalar metrics (for W&B / TensorBoard)."""
+        if self.last is None:
+            return {}
+        out = {}
+        for k, v in _flatten({k: v for k, v in self.last.items()
+                              if k not in ("type", "step", "time", "activation")}).items():
+            if isinstance(v, bool):
+                v = float(v)
+            if isinstance(v, int | float) and math.isfinite(v):
+                out[prefix + k.replace(".", "/")] = float(v)
+        return out
+
+    def close(self) -> None:
+        if self._log is not None:
+            self._log.close()

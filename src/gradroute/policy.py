@@ -1,0 +1,240 @@
+"""``HaltPolicy``: composable drift rules and what to do when one fires.
+
+Each rule looks at the newest monitor record (and the history before it) and returns a
+:class:`Violation` when its threshold is crossed:
+
+- ``AdapterNormRule(max_norm)``: ``‖A‖ > max_norm`` (Frobenius norm of the adapter's weight delta).
+- ``GrowthRule(max_growth, window)``: ``‖A_t‖ − ‖A_{t−window}‖ > max_growth``.
+- ``EnvShareRule(max_share, min_norm)``: one environment built more than ``max_share`` of the
+  current adapter (``⟨A_e, A⟩/‖A‖²``), once ``‖A‖ >= min_norm``.
+- ``ActivationDriftRule(max_z, baseline_steps)``: an environment's mean activation projection
+  ``‖mean Uᵀh‖`` at some layer is more than ``max_z`` standard deviations from its mean over
+  the first ``baseline_steps`` records.
+- ``NonFiniteRule()``: the step's in-subspace update is NaN/Inf.
+
+Actions: ``"stop"`` (default: checkpoint, halt record, stop), ``"warn"`` (log and go on), or
+a callable ``f(violation, record)`` returning True to stop.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import ConfigError, GradrouteWarning
+
+Record = dict[str, Any]
+
+
+@dataclass
+class Violation:
+    """A crossed threshold."""
+
+    rule: str
+    value: float
+    threshold: float
+    step: int
+    top_envs: list[tuple[str, float]] = field(default_factory=list)
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["top_envs"] = [[e, s] for e, s in self.top_envs]
+        return d
+
+
+def top_envs(record: Record, n: int = 3) -> list[tuple[str, float]]:
+    """Environments ranked by their share of the current adapter."""
+    shares = record.get("env_adapter_share") or record.get("env_share") or {}
+    ranked = sorted(((e, s) for e, s in shares.items() if e != "_unattributed"), key=lambda x: -x[1])
+    return [(e, round(float(s), 6)) for e, s in ranked[:n]]
+
+
+class Rule:
+    """Base class: ``check(record, history) -> Violation | None``; ``action`` overrides the policy's."""
+
+    name = "rule"
+    action: str | Callable[..., Any] | None = None
+
+    def check(self, record: Record, history: Sequence[Record]) -> Violation | None:  # pragma: no cover
+        raise NotImplementedError
+
+    def _v(self, record: Record, value: float, threshold: float, detail: str = "") -> Violation:
+        return Violation(self.name, float(value), float(threshold), int(record["step"]), top_envs(record), detail)
+
+    def describe(self) -> dict[str, Any]:
+        return {"rule": self.name, **{k: v for k, v in vars(self).items() if not k.startswith("_") and k != "action"}}
+
+
+def _positive(name: str, value: float) -> float:
+    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+        raise ConfigError(f"{name} must be a positive number, got {value!r}.")
+    return float(value)
+
+
+class AdapterNormRule(Rule):
+    name = "max_adapter_norm"
+
+    def __init__(self, max_norm: float, action: Any = None):
+        self.max_norm = _positive("max_adapter_norm", max_norm)
+        self.action = action
+
+    def check(self, record, history):
+        v = record.get("adapter_norm", 0.0)
+        return self._v(record, v, self.max_norm) if v > self.max_norm else None
+
+
+class GrowthRule(Rule):
+    name = "max_growth"
+
+    def __init__(self, max_growth: float, window: int = 10, action: Any = None):
+        self.max_growth = _positive("max_growth", max_growth)
+        if not (isinstance(window, int) and window >= 1):
+            raise ConfigError(f"growth window must be an integer >= 1, got {window!r}.")
+        self.window = window
+        self.action = action
+
+    def check(self, record, history):
+        past = [h for h in history if h["step"] <= record["step"] - self.window]
+        base = past[-1]["adapter_norm"] if past else 0.0  # within the first window: since the start
+        growth = record.get("adapter_norm", 0.0) - base
+        return self._v(record, growth, self.max_growth, f"over {self.window} steps") if growth > self.max_growth else None
+
+
+class EnvShareRule(Rule):
+    name = "max_env_share"
+
+    def __init__(self, max_share: float, min_norm: float = 0.0, action: Any = None):
+        if not (isinstance(max_share, int | float) and 0 < max_share <= 1):
+            raise ConfigError(f"max_env_share must be in (0, 1], got {max_share!r}.")
+        if not (isinstance(min_norm, int | float) and min_norm >= 0):
+            raise ConfigError(f"env_share_min_norm must be >= 0, got {min_norm!r}.")
+        self.max_share = float(max_share)
+        self.min_norm = float(min_norm)
+        self.action = action
+
+    def check(self, record, history):
+        if record.get("adapter_norm", 0.0) < self.min_norm:
+            return None
+        shares = {e: s for e, s in (record.get("env_adapter_share") or {}).items() if e != "_unattributed"}
+        if not shares:
+            return None
+        env, s = max(shares.items(), key=lambda x: x[1])
+        return self._v(record, s, self.max_share, f"environment {env!r}") if s > self.max_share else None
+
+
+class ActivationDriftRule(Rule):
+    name = "activation_z"
+
+    def __init__(self, max_z: float, baseline_steps: int = 20, min_std: float = 1e-6, action: Any = None):
+        self.max_z = _positive("max_activation_z", max_z)
+        if not (isinstance(baseline_steps, int) and baseline_steps >= 2):
+            raise ConfigError(f"baseline_steps must be an integer >= 2, got {baseline_steps!r}.")
+        self.baseline_steps = baseline_steps
+        self.min_std = min_std
+        self.action = action
+
+    def check(self, record, history):
+        base = history[: self.baseline_steps]
+        if len(base) < self.baseline_steps:
+            return None
+        worst: tuple[float, str] | None = None
+        for env, layers in (record.get("activation_norm") or {}).items():
+            for layer, value in layers.items():
+                series = [h["activation_norm"][env][layer] for h in base
+                          if env in (h.get("activation_norm") or {}) and layer in h["activation_norm"][env]]
+                if len(series) < 2:
+                    continue
+                mu = statistics.fmean(series)
+                sd = max(statistics.pstdev(series), self.min_std * max(1.0, abs(mu)))
+                z = abs(value - mu) / sd
+                if worst is None or z > worst[0]:
+                    worst = (z, f"environment {env!r}, layer {layer}")
+        if worst and worst[0] > self.max_z:
+            return self._v(record, worst[0], self.max_z, worst[1])
+        return None
+
+
+class NonFiniteRule(Rule):
+    name = "nonfinite_update"
+
+    def check(self, record, history):
+        bad = record.get("nonfinite") or not math.isfinite(record.get("update_norm", 0.0))
+        return self._v(record, float("nan"), 0.0, "NaN/Inf in the in-subspace update") if bad else None
+
+
+class HaltPolicy:
+    """A set of rules and an action.
+
+    ``HaltPolicy(max_adapter_norm=5.0, max_env_share=0.8, action="stop")``; more rules with
+    ``rules=[...]`` or ``policy | other``.
+    """
+
+    def __init__(
+        self,
+        max_adapter_norm: float | None = None,
+        max_growth: float | None = None,
+        growth_window: int = 10,
+        max_env_share: float | None = None,
+        env_share_min_norm: float = 0.0,
+        max_activation_z: float | None = None,
+        baseline_steps: int = 20,
+        halt_on_nonfinite: bool = True,
+        action: str | Callable[[Violation, Record], Any] = "stop",
+        rules: Sequence[Rule] = (),
+    ):
+        if not (callable(action) or action in ("stop", "warn")):
+            raise ConfigError(f"action must be 'stop', 'warn' or a callable, got {action!r}.")
+        self.action = action
+        self.rules: list[Rule] = []
+        if max_adapter_norm is not None:
+            self.rules.append(AdapterNormRule(max_adapter_norm))
+        if max_growth is not None:
+            self.rules.append(GrowthRule(max_growth, growth_window))
+        if max_env_share is not None:
+            self.rules.append(EnvShareRule(max_env_share, env_share_min_norm))
+        if max_activation_z is not None:
+            self.rules.append(ActivationDriftRule(max_activation_z, baseline_steps))
+        if halt_on_nonfinite:
+            self.rules.append(NonFiniteRule())
+        for r in rules:
+            if not isinstance(r, Rule):
+                raise ConfigError(f"{r!r} is not a gradroute.policy.Rule.")
+            self.rules.append(r)
+
+    def __or__(self, other: HaltPolicy) -> HaltPolicy:
+        out = HaltPolicy(halt_on_nonfinite=False, action=self.action)
+        seen = set()
+        for r in [*self.rules, *other.rules]:
+            if isinstance(r, NonFiniteRule):
+                if "nf" in seen:
+                    continue
+                seen.add("nf")
+            out.rules.append(r)
+        return out
+
+    def evaluate(self, record: Record, history: Sequence[Record]) -> list[tuple[Violation, bool]]:
+        """Violations of this record, each with whether it asks to stop."""
+        out = []
+        for rule in self.rules:
+            v = rule.check(record, history)
+            if v is None:
+                continue
+            action = rule.action if rule.action is not None else self.action
+            if callable(action):
+                stop = bool(action(v, record))
+            else:
+                stop = action == "stop"
+                if action == "warn":
+                    warnings.warn(f"drift: {v.rule} = {v.value:.4g} > {v.threshold:.4g} at step {v.step} "
+                                  f"({v.detail}; top environments {v.top_envs})", GradrouteWarning, stacklevel=3)
+            out.append((v, stop))
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {"action": self.action if isinstance(self.action, str) else getattr(self.action, "__name__", "callable"),
+                "rules": [r.describe() for r in self.rules]}

@@ -1,0 +1,163 @@
+"""DriftMonitor, the JSONL log, HaltPolicy rules, DriftHalt, last_clean_checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import gradroute as gr
+from gradroute.errors import ConfigError, DriftHalt, FileFormatError, GradrouteWarning
+from gradroute.monitor import RunLog, read_records
+from gradroute.policy import (
+    ActivationDriftRule,
+    AdapterNormRule,
+    EnvShareRule,
+    GrowthRule,
+    HaltPolicy,
+    NonFiniteRule,
+)
+from gradroute.testing import tiny_lm
+
+
+def _rec(step, norm=0.0, shares=None, act=None, nonfinite=False, update=0.1):
+    return {"type": "step", "step": step, "adapter_norm": norm, "update_norm": update, "nonfinite": nonfinite,
+            "env_adapter_share": shares or {}, "activation_norm": act or {}}
+
+
+def test_log_is_append_only_flushed_and_survives_a_torn_line(tmp_path):
+    log = RunLog(tmp_path / "gradroute.jsonl")
+    log.write({"type": "header"})
+    log.write(_rec(1, 0.1))
+    # flushed: another reader sees it before close
+    assert len(read_records(tmp_path)) == 2
+    log.close()
+    with open(tmp_path / "gradroute.jsonl", "a") as f:
+        f.write('{"type": "step", "step": 2, "adapter_no')  # a crash mid-write
+    assert [r["type"] for r in read_records(tmp_path)] == ["header", "step"]
+    log = RunLog(tmp_path / "gradroute.jsonl")  # reopening ends the torn line
+    log.write(_rec(2, 0.2))
+    log.close()
+    assert [r.get("step") for r in read_records(tmp_path)] == [None, 1, 2]
+
+
+def test_resume_supersedes_later_records(tmp_path):
+    log = RunLog(tmp_path / "gradroute.jsonl")
+    for s in (1, 2, 3, 4):
+        log.write(_rec(s, s / 10))
+    log.write({"type": "checkpoint", "step": 2, "path": str(tmp_path / "checkpoint-2")})
+    log.write({"type": "crossing", "step": 4, "rule": "x"})
+    log.write({"type": "resume", "from_step": 2})
+    for s in (3, 4, 5):
+        log.write(_rec(s, s))
+    log.close()
+    df = gr.load_log(tmp_path)
+    assert df["step"].tolist() == [1, 2, 3, 4, 5]
+    assert df["adapter_norm"].tolist() == [0.1, 0.2, 3, 4, 5]
+    assert [e["type"] for e in df.attrs["events"]] == ["checkpoint", "resume"]
+    with pytest.raises(FileFormatError, match="no gradroute log"):
+        gr.load_log(tmp_path / "elsewhere")
+
+
+def test_rules():
+    hist = [_rec(s, 0.1 * s, act={"a": {"1": 1.0 + 0.01 * (s % 2)}}) for s in range(1, 21)]
+    assert AdapterNormRule(1.0).check(_rec(21, 1.5), hist).value == 1.5
+    assert AdapterNormRule(1.0).check(_rec(21, 0.5), hist) is None
+    v = GrowthRule(0.5, window=3).check(_rec(21, 2.8), hist)  # 2.8 − norm at step 18 (1.8)
+    assert v is not None and v.value == pytest.approx(1.0)
+    assert GrowthRule(0.5, window=3).check(_rec(21, 2.1), hist) is None
+    v = EnvShareRule(0.8).check(_rec(21, 1.0, {"hack": 0.9, "math": 0.1}), hist)
+    assert v.value == 0.9 and "hack" in v.detail and v.top_envs[0] == ("hack", 0.9)
+    assert EnvShareRule(0.8, min_norm=2.0).check(_rec(21, 1.0, {"hack": 0.9}), hist) is None
+    z = ActivationDriftRule(4.0, baseline_steps=20).check(_rec(21, act={"a": {"1": 1.5}}), hist)
+    assert z is not None and z.value > 4 and "layer 1" in z.detail
+    assert ActivationDriftRule(4.0, baseline_steps=20).check(_rec(21, act={"a": {"1": 1.01}}), hist) is None
+    assert NonFiniteRule().check(_rec(21, nonfinite=True), hist) is not None
+    assert NonFiniteRule().check(_rec(21, update=float("nan")), hist) is not None
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(max_adapter_norm=-1), "positive"),
+    (dict(max_adapter_norm=float("nan")), "positive"),
+    (dict(max_env_share=1.5), r"\(0, 1\]"),
+    (dict(max_env_share=0.5, env_share_min_norm=-1), ">= 0"),
+    (dict(max_growth=1.0, growth_window=0), "window"),
+    (dict(max_activation_z=3, baseline_steps=1), "baseline_steps"),
+    (dict(action="explode"), "action"),
+])
+def test_thresholds_out_of_range(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        HaltPolicy(**kwargs)
+
+
+def test_actions_warn_stop_callable():
+    rec = _rec(5, 3.0)
+    with pytest.warns(GradrouteWarning, match="max_adapter_norm"):
+        out = HaltPolicy(max_adapter_norm=1.0, action="warn").evaluate(rec, [])
+    assert [(v.rule, stop) for v, stop in out] == [("max_adapter_norm", False)]
+    seen = []
+    out = HaltPolicy(max_adapter_norm=1.0, action=lambda v, r: seen.append(v.value) or True).evaluate(rec, [])
+    assert out[0][1] is True and seen == [3.0]
+    combo = HaltPolicy(max_adapter_norm=1.0) | HaltPolicy(max_env_share=0.5)
+    assert [r.name for r in combo.rules].count("nonfinite_update") == 1
+    assert {r.name for r in combo.rules} >= {"max_adapter_norm", "max_env_share"}
+
+
+def _plain_run(tmp_path, policy, steps=30):
+    model, _ = tiny_lm("llama")
+    sub = gr.Subspace.from_directions({1: torch.randn(2, 64, generator=torch.Generator().manual_seed(0))})
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    router = gr.GradientRouter(model, sub, optimizer=opt, envs=["a", "b"])
+    monitor = gr.DriftMonitor(router, tmp_path, policy, config={"lr": 1e-2})
+    g = torch.Generator().manual_seed(1)
+    for i in range(steps):
+        x = torch.randint(3, 100, (4, 8), generator=g)
+        with router.attribution.batch(["a", "a", "b", "b"]):
+            model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        router.step()  # the monitor observes every step
+        opt.zero_grad()
+    return router, monitor
+
+
+def test_plain_loop_logs_every_step_and_raises_drift_halt(tmp_path):
+    router, monitor = _plain_run(tmp_path / "free", None, steps=12)
+    df = gr.load_log(tmp_path / "free")
+    assert df["step"].tolist() == list(range(1, 13))
+    assert {"adapter_norm", "update_norm", "env_adapter_share.a", "env_share.b", "samples.a",
+            "grad_norm.a", "activation_norm.a.1"} <= set(df.columns)
+    header = df.attrs["header"]
+    assert header["subspace_hash"] == router.subspace.content_hash and header["envs"] == ["a", "b"]
+    assert header["config"] == {"lr": 0.01} and "torch" in header["versions"]
+    norms = df["adapter_norm"].tolist()
+    threshold = (norms[4] + norms[5]) / 2  # crossed at step 6
+    with pytest.raises(DriftHalt) as e:
+        _plain_run(tmp_path / "halt", HaltPolicy(max_adapter_norm=threshold))
+    rec = e.value.record
+    assert rec["step"] == 6 and rec["rule"] == "max_adapter_norm" and rec["value"] > threshold
+    assert rec["top_envs"] and "Fix:" in str(e.value)
+    written = read_records(tmp_path / "halt")
+    assert written[-1]["type"] == "halt" and written[-2]["type"] == "crossing"
+    assert max(r["step"] for r in written if r["type"] == "step") == 6
+
+
+def test_metrics_are_flat_scalars(tmp_path):
+    router, monitor = _plain_run(tmp_path, None, steps=2)
+    m = monitor.metrics()
+    assert m["gradroute/adapter_norm"] > 0 and "gradroute/env_adapter_share/a" in m
+    assert all(isinstance(v, float) for v in m.values())
+
+
+def test_last_clean_checkpoint(tmp_path):
+    for n in (5, 10, 15):
+        (tmp_path / f"checkpoint-{n}").mkdir()
+    log = RunLog(tmp_path / "gradroute.jsonl")
+    for s in range(1, 16):
+        log.write(_rec(s))
+    assert gr.last_clean_checkpoint(tmp_path) == tmp_path / "checkpoint-15"  # no crossing yet
+    log.write({"type": "crossing", "step": 12, "rule": "max_adapter_norm"})
+    log.close()
+    assert gr.last_clean_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
+    (tmp_path / "gradroute.jsonl").write_text(json.dumps({"type": "crossing", "step": 3}) + "\n")
+    assert gr.last_clean_checkpoint(tmp_path) is None
