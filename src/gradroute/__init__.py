@@ -27,11 +27,15 @@ _LAZY = {
     "HaltPolicy": "gradroute.policy",
     "attach": "gradroute.integrations.trl",
     "Handle": "gradroute.integrations.trl",
+    "attach_anchoring": "gradroute.integrations.trl",
+    "Anchoring": "gradroute.anchoring",
+    "Dopesheet": "gradroute.anchoring",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from .attribution import Attribution
-    from .integrations.trl import Handle, attach
+    from .anchoring import Anchoring, Dopesheet
+    from .integrations.trl import Handle, attach, attach_anchoring
     from .monitor import DriftMonitor, last_clean_checkpoint, load_log
     from .plan import RoutingPlan, build_plan
     from .policy import HaltPolicy

@@ -83,6 +83,10 @@ class EnvColumnError(ConfigError):
     """The environment (or label) column is missing, reserved, or malformed."""
 
 
+class LabelError(ConfigError):
+    """Concept labels that are missing, malformed, or name unknown concepts."""
+
+
 class PackingError(ConfigError):
     """Packing / padding-free batching mixes rows where rows must stay separate."""
 

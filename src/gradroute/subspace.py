@@ -222,6 +222,23 @@ class Subspace:
         return sub
 
     @classmethod
+    def from_axes(cls, axes: Mapping[LayerKey, Sequence[int]], dim: int,
+                  names: Mapping[LayerKey, Sequence[str]] | Sequence[str] | None = None) -> Subspace:
+        """Axis-aligned directions (unit vectors e_i), e.g. reserved dimensions of a small latent:
+        ``Subspace.from_axes({"bottleneck": [0]}, dim=4, names=["red"])``."""
+        dirs = {}
+        for key, idx in axes.items():
+            E = torch.zeros(len(idx), dim)
+            for row, i in enumerate(idx):
+                if not (0 <= int(i) < dim):
+                    raise UnknownLayerError(f"axis {i} is out of range for dimension {dim}.")
+                E[row, int(i)] = 1.0
+            dirs[key] = E
+        if names is None:
+            names = {k: [f"e{i}" for i in idx] for k, idx in axes.items()}
+        return cls.from_directions(dirs, names=names, provenance=Provenance(source="axes"))
+
+    @classmethod
     def from_probe(
         cls,
         model: Any,

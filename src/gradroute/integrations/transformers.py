@@ -126,7 +126,7 @@ def block_hidden(output: Any) -> torch.Tensor:
     raise TypeError(f"cannot find the hidden state in a block output of type {type(output).__name__}")
 
 
-def _replace_hidden(output: Any, new: torch.Tensor) -> Any:
+def replace_hidden(output: Any, new: torch.Tensor) -> Any:
     if torch.is_tensor(output):
         return new
     if isinstance(output, tuple):
@@ -161,7 +161,7 @@ def add_residual_hook(model: nn.Module, layer: int, fn: ResidualFn) -> torch.uti
 
     def hook(module, args, output):
         r = fn(layer, block_hidden(output))
-        return None if r is None else _replace_hidden(output, r)
+        return None if r is None else replace_hidden(output, r)
 
     return blocks[layer].register_forward_hook(hook)
 

@@ -60,6 +60,63 @@ def _dataset_envs(dataset: Any, column: str) -> list[str] | None:
     return sorted({str(v) for v in dataset[column]})
 
 
+def carry_column(trainer: Any, column: str, key: str, encode: Any) -> None:
+    """Make a dataset column reach ``compute_loss`` as ``inputs[key]`` (SFTTrainer / Trainer).
+
+    The column is kept through ``remove_unused_columns`` (added to the signature columns) and
+    the collator is wrapped: ``encode(features) -> tensor`` builds the batch tensor from the
+    rows, and the column is removed before the original collator sees them."""
+    trainer._set_signature_columns_if_needed()
+    if column not in trainer._signature_columns:
+        trainer._signature_columns = [*trainer._signature_columns, column]
+    collate = trainer.data_collator
+
+    def collator(features, *a, **kw):
+        value = encode(features)
+        batch = collate([{k: v for k, v in f.items() if k != column} for f in features], *a, **kw)
+        batch[key] = value
+        return batch
+
+    trainer.data_collator = collator
+
+
+def wrap_compute_loss(trainer: Any, key: str, *, before: Any = None, after: Any = None, pop: bool = True) -> None:
+    """Wrap ``trainer.compute_loss``: read ``inputs[key]`` (removed before the model sees the
+    batch when ``pop``), call ``before(value, inputs)`` first, ``after(loss_or_tuple, value,
+    inputs, kwargs)`` on the result; ``before`` may return a cleanup callable."""
+    compute_loss = trainer.compute_loss
+
+    def wrapped(model, inputs, *a, **kw):
+        value = inputs.get(key) if isinstance(inputs, dict) else None
+        seen = inputs
+        if value is not None and pop:
+            inputs = {k: v for k, v in inputs.items() if k != key}
+        cleanup = before(value, seen) if before is not None else None
+        try:
+            out = compute_loss(model, inputs, *a, **kw)
+        finally:
+            if callable(cleanup):
+                cleanup()
+        return after(out, value, seen, kw) if after is not None else out
+
+    trainer.compute_loss = wrapped
+
+
+def _insert_callback(trainer: Any, callback: Any) -> None:
+    callback._gradroute = True
+    # first, so that its additions to `logs` reach the reporting callbacks
+    trainer.callback_handler.callbacks.insert(0, callback)
+
+
+def _metrics_sink(trainer: Any) -> Any:
+    if hasattr(trainer, "_metrics") and isinstance(getattr(trainer, "_metrics"), dict):
+        def sink(metrics: dict[str, float]) -> None:
+            for k, v in metrics.items():
+                trainer._metrics["train"][k].append(v)
+        return sink
+    return None
+
+
 @dataclass
 class Handle:
     """What :func:`attach` returns: the router, the monitor, and the adapter lifecycle."""
@@ -191,41 +248,99 @@ def attach(
             trainer._generate_and_score_completions = generate_and_score
             trainer._calculate_rewards = calculate_rewards
         else:
-            trainer._set_signature_columns_if_needed()
-            if env_column not in trainer._signature_columns:
-                trainer._signature_columns = [*trainer._signature_columns, env_column]
-            collate = trainer.data_collator
+            carry_column(trainer, env_column, ENV_KEY, lambda rows: ids_of(rows, "cpu"))
 
-            def collator(features, *a, **kw):
-                env = ids_of(features, "cpu")
-                batch = collate([{k: v for k, v in f.items() if k != env_column} for f in features], *a, **kw)
-                batch[ENV_KEY] = env
-                return batch
-
-            trainer.data_collator = collator
-
-        compute_loss = trainer.compute_loss
-
-        def compute_loss_with_envs(model, inputs, *a, **kw):
-            env = inputs.get(ENV_KEY) if isinstance(inputs, dict) else None
-            if env is not None and not rl:
-                inputs = {k: v for k, v in inputs.items() if k != ENV_KEY}
+        def set_envs(env, inputs):
             attribution.set_batch(env)
-            try:
-                return compute_loss(model, inputs, *a, **kw)
-            finally:
-                attribution.set_batch(None)
+            return lambda: attribution.set_batch(None)
 
-        trainer.compute_loss = compute_loss_with_envs
+        wrap_compute_loss(trainer, ENV_KEY, before=set_envs, pop=not rl)
 
-    sink = None
-    if hasattr(trainer, "_metrics") and isinstance(getattr(trainer, "_metrics"), dict):
-        def sink(metrics: dict[str, float]) -> None:
-            for k, v in metrics.items():
-                trainer._metrics["train"][k].append(v)
-
-    callback = RouterCallback(router, monitor, metrics_sink=sink)
-    callback._gradroute = True
-    # first, so that its additions to `logs` reach the reporting callbacks
-    trainer.callback_handler.callbacks.insert(0, callback)
+    _insert_callback(trainer, RouterCallback(router, monitor, metrics_sink=_metrics_sink(trainer)))
     return Handle(trainer=trainer, router=router, monitor=monitor, run_dir=run_dir)
+
+
+LABEL_KEY = "gradroute_concept_labels"
+
+
+def attach_anchoring(trainer: Any, anchoring: Any, label_column: str = "concepts") -> Any:
+    """Add a concept-anchoring regularizer to a ``Trainer``/``SFTTrainer``'s loss.
+
+    Each row's ``label_column`` holds its concept labels: ``{label: probability}``, a list with
+    one value per ``anchoring.label_names``, a label name, or None (unlabelled). The labels
+    travel with the batch (the same column mechanism as :func:`attach`), and the loss becomes
+    ``task_loss + anchoring.loss(labels, mask=attention_mask, step=global_step)``; the terms'
+    values go to the trainer's logs as ``anchoring/<term>/<layer>``. Packing and
+    padding-free batching are refused (they mix rows).
+    """
+    from transformers import TrainerCallback
+
+    from ..errors import LabelError
+
+    if _is_rl(trainer):
+        raise LabelError("attach_anchoring is for SFT/pre-training trainers (Trainer, SFTTrainer).",
+                         "use gradroute.attach for RL trainers.")
+    args = trainer.args
+    if getattr(args, "packing", False) or getattr(args, "padding_free", False) or getattr(trainer, "padding_free", False):
+        raise PackingError("packing / padding-free batching mixes rows, so per-row concept labels would leak "
+                           "across samples.", "set packing=False and padding_free=False.")
+    if label_column in RESERVED_COLUMNS:
+        raise EnvColumnError(f"{label_column!r} is reserved by TRL/transformers.", "rename the label column.")
+    names = list(anchoring.label_names)
+    if getattr(trainer.train_dataset, "column_names", None) is not None and label_column not in trainer.train_dataset.column_names:
+        raise LabelError(f"the training dataset has no column {label_column!r} (it has {trainer.train_dataset.column_names}).",
+                         "add a column with each row's concept labels, or pass label_column=<its name>.")
+
+    def encode(rows):
+        out = torch.zeros(len(rows), len(names))
+        for i, r in enumerate(rows):
+            v = r.get(label_column)
+            if v is None:
+                continue
+            if isinstance(v, str):
+                v = {v: 1.0}
+            if isinstance(v, dict):
+                for k_, p in v.items():
+                    if k_ not in names:
+                        raise LabelError(f"row label {k_!r} is not among {names}.")
+                    out[i, names.index(k_)] = float(p)
+            else:
+                vals = list(v)
+                if len(vals) != len(names):
+                    raise LabelError(f"a row has {len(vals)} label values; expected {len(names)} ({names}).")
+                out[i] = torch.tensor([float(x) for x in vals])
+        return out
+
+    carry_column(trainer, label_column, LABEL_KEY, encode)
+
+    def add_loss(out, labels, inputs, kw):
+        mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+        reg = anchoring.loss(labels, mask=mask, step=trainer.state.global_step)
+        # Trainer divides the loss by the accumulation steps only when the model did not
+        # normalize it over the whole accumulation window (num_items_in_batch); match it
+        scaled = getattr(trainer, "loss_is_scaled_for_ga", None)
+        if scaled is None:
+            scaled = (getattr(trainer, "model_accepts_loss_kwargs", False) and kw.get("num_items_in_batch") is not None) \
+                or getattr(trainer, "compute_loss_func", None) is not None
+        if scaled:
+            reg = reg / max(1, getattr(trainer, "current_gradient_accumulation_steps", 1))
+        if isinstance(out, tuple):
+            return (out[0] + reg.to(out[0].device), *out[1:])
+        return out + reg.to(out.device)
+
+    wrap_compute_loss(trainer, LABEL_KEY, after=add_loss)
+    sink = _metrics_sink(trainer)
+
+    class AnchoringLogs(TrainerCallback):
+        def on_optimizer_step(self, args, state, control, **kw):
+            if sink is not None:
+                sink({f"anchoring/{k}": v for k, v in anchoring.last.items()})
+            return control
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if sink is None and logs is not None and "loss" in logs:
+                logs.update({f"anchoring/{k}": v for k, v in anchoring.last.items()})
+            return control
+
+    _insert_callback(trainer, AnchoringLogs())
+    return anchoring
