@@ -23,7 +23,7 @@ from gradroute.testing import tiny_lm
 
 def _rec(step, norm=0.0, shares=None, act=None, nonfinite=False, update=0.1):
     return {"type": "step", "step": step, "adapter_norm": norm, "update_norm": update, "nonfinite": nonfinite,
-            "env_adapter_share": shares or {}, "activation_norm": act or {}}
+            "env_adapter_share": shares or {}, "activation": act or {}}
 
 
 def test_log_is_append_only_flushed_and_survives_a_torn_line(tmp_path):
@@ -55,13 +55,17 @@ def test_resume_supersedes_later_records(tmp_path):
     df = gr.load_log(tmp_path)
     assert df["step"].tolist() == [1, 2, 3, 4, 5]
     assert df["adapter_norm"].tolist() == [0.1, 0.2, 3, 4, 5]
-    assert [e["type"] for e in df.attrs["events"]] == ["checkpoint", "resume"]
+    # the crossing that caused the restart is kept, flagged; it no longer taints checkpoints
+    assert [(e["type"], e.get("superseded", False)) for e in df.attrs["events"]] == [
+        ("checkpoint", False), ("crossing", True), ("resume", False)]
+    (tmp_path / "checkpoint-2").mkdir()
+    assert gr.last_clean_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
     with pytest.raises(FileFormatError, match="no gradroute log"):
         gr.load_log(tmp_path / "elsewhere")
 
 
 def test_rules():
-    hist = [_rec(s, 0.1 * s, act={"a": {"1": 1.0 + 0.01 * (s % 2)}}) for s in range(1, 21)]
+    hist = [_rec(s, 0.1 * s, act={"a": {"1": [1.0 + 0.01 * (s % 2), -0.5]}}) for s in range(1, 21)]
     assert AdapterNormRule(1.0).check(_rec(21, 1.5), hist).value == 1.5
     assert AdapterNormRule(1.0).check(_rec(21, 0.5), hist) is None
     v = GrowthRule(0.5, window=3).check(_rec(21, 2.8), hist)  # 2.8 − norm at step 18 (1.8)
@@ -70,9 +74,17 @@ def test_rules():
     v = EnvShareRule(0.8).check(_rec(21, 1.0, {"hack": 0.9, "math": 0.1}), hist)
     assert v.value == 0.9 and "hack" in v.detail and v.top_envs[0] == ("hack", 0.9)
     assert EnvShareRule(0.8, min_norm=2.0).check(_rec(21, 1.0, {"hack": 0.9}), hist) is None
-    z = ActivationDriftRule(4.0, baseline_steps=20).check(_rec(21, act={"a": {"1": 1.5}}), hist)
-    assert z is not None and z.value > 4 and "layer 1" in z.detail
-    assert ActivationDriftRule(4.0, baseline_steps=20).check(_rec(21, act={"a": {"1": 1.01}}), hist) is None
+    z = ActivationDriftRule(4.0, baseline_steps=20).check(_rec(21, act={"a": {"1": [1.5, -0.5]}}), hist)
+    assert z is not None and z.value == pytest.approx(0.495 / 0.005, rel=1e-6) and "layer 1" in z.detail
+    assert z.top_envs[0][0] == "a"
+    # a sign flip at the same norm is drift too
+    assert ActivationDriftRule(4.0, baseline_steps=20).check(_rec(21, act={"a": {"1": [1.005, 0.5]}}), hist)
+    assert ActivationDriftRule(4.0, baseline_steps=20).check(_rec(21, act={"a": {"1": [1.01, -0.5]}}), hist) is None
+    # a window averages the recent values (σ of the mean shrinks with √window)
+    drifted = hist + [_rec(s, act={"a": {"1": [1.0 + 0.01 * (s % 2) + 0.01, -0.5]}}) for s in range(21, 24)]
+    one = ActivationDriftRule(4.0, baseline_steps=20).check(_rec(24, act={"a": {"1": [1.012, -0.5]}}), drifted)
+    four = ActivationDriftRule(4.0, baseline_steps=20, window=4).check(_rec(24, act={"a": {"1": [1.012, -0.5]}}), drifted)
+    assert one is None and four is not None
     assert NonFiniteRule().check(_rec(21, nonfinite=True), hist) is not None
     assert NonFiniteRule().check(_rec(21, update=float("nan")), hist) is not None
 

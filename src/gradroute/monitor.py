@@ -6,7 +6,8 @@ The log (``<run_dir>/gradroute.jsonl``) holds, in order:
 - ``{"type": "step", "step": N, ...}``: adapter norm (total, per layer), the step's in-subspace
   update norm, per-environment step share, share of the current adapter, adapter norm,
   in-subspace gradient norm, samples, activation projection, reward;
-- ``{"type": "crossing", ...}``: a rule's threshold was crossed (also with ``action="warn"``);
+- ``{"type": "crossing", ...}``: a rule's threshold was crossed (also with ``action="warn"``;
+  written when the rule starts firing, not again while it stays above threshold);
 - ``{"type": "halt", ...}``: the run stops (rule, value, threshold, step, top environments,
   the checkpoint being written);
 - ``{"type": "checkpoint", "step": N, "path": ...}`` and ``{"type": "resume", "from_step": N}``.
@@ -75,7 +76,9 @@ class RunLog:
 
 
 def read_records(run_dir: str | Path, name: str = LOG_NAME) -> list[dict[str, Any]]:
-    """All parseable records, resumes applied (superseded step records dropped)."""
+    """All parseable records with resumes applied: after ``resume from step N``, the step and
+    checkpoint records of steps > N written before it are dropped (those steps were re-run);
+    crossing and halt records stay, flagged ``"superseded": true`` (they are why the run restarted)."""
     path = Path(run_dir)
     path = path / name if path.is_dir() else path
     if not path.is_file():
@@ -90,8 +93,10 @@ def read_records(run_dir: str | Path, name: str = LOG_NAME) -> list[dict[str, An
             continue  # a line torn by a crash
         if rec.get("type") == "resume":
             n = rec["from_step"]
-            out = [r for r in out if not (r.get("type") in ("step", "crossing", "halt", "checkpoint")
-                                           and r.get("step", -1) > n)]
+            out = [r for r in out if not (r.get("type") in ("step", "checkpoint") and r.get("step", -1) > n)]
+            for r in out:
+                if r.get("type") in ("crossing", "halt") and r.get("step", -1) > n:
+                    r["superseded"] = True
         out.append(rec)
     return out
 
@@ -129,20 +134,24 @@ def last_clean_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest checkpoint saved before the first threshold crossing (or the newest, if none).
 
     Checkpoint N holds the weights after step N; it is clean when N is before the step at
-    which a rule first fired. Returns None when there is no such checkpoint.
+    which a rule first fired in the current trajectory (crossings superseded by a resume do
+    not count). The log's checkpoint records are authoritative (a directory left by an
+    abandoned attempt is not); without any, ``checkpoint-N`` directories are scanned.
+    Returns None when there is no clean checkpoint.
     """
     run_dir = Path(run_dir)
     records = read_records(run_dir)
-    crossing = [r["step"] for r in records if r.get("type") in ("crossing", "halt")]
+    crossing = [r["step"] for r in records if r.get("type") in ("crossing", "halt") and not r.get("superseded")]
     first = min(crossing) if crossing else math.inf
     found: dict[int, Path] = {}
     for r in records:
         if r.get("type") == "checkpoint":
             found[int(r["step"])] = Path(r["path"])
-    for d in run_dir.glob("checkpoint-*"):
-        tail = d.name.rsplit("-", 1)[-1]
-        if d.is_dir() and tail.isdigit():
-            found.setdefault(int(tail), d)
+    if not found:
+        for d in run_dir.glob("checkpoint-*"):
+            tail = d.name.rsplit("-", 1)[-1]
+            if d.is_dir() and tail.isdigit():
+                found[int(tail)] = d
     clean = [n for n, p in found.items() if n < first and p.is_dir()]
     return found[max(clean)] if clean else None
 
@@ -175,6 +184,7 @@ class DriftMonitor:
         self.violations: list[Violation] = []
         self.halt: dict[str, Any] | None = None
         self.last: dict[str, Any] | None = None
+        self._active: set[tuple[str, str]] = set()  # rules above threshold at the last step
         self._log: RunLog | None = None
         if self.run_dir is not None and is_main_process():
             self._log = RunLog(self.run_dir / LOG_NAME, fsync=fsync)
@@ -245,7 +255,7 @@ class DriftMonitor:
         self._write(record)
         stop = False
         if self.policy is not None:
-            for v, wants_stop in self.policy.evaluate(record, self.history):
+            for v, wants_stop in self.policy.evaluate(record, self.history, self._active):
                 self.violations.append(v)
                 self._write({"type": "crossing", **v.to_dict(), "action": "stop" if wants_stop else "continue"})
                 if wants_stop and not stop:
@@ -271,6 +281,7 @@ class DriftMonitor:
         records = self._existing() if self.run_dir is not None else []
         self.history = [r for r in records if r.get("type") == "step" and r["step"] <= step]
         self.halt = None
+        self._active = set()
 
     def metrics(self, prefix: str = "gradroute/") -> dict[str, float]:
         """The newest record as flat scalar metrics (for W&B / TensorBoard)."""

@@ -8,8 +8,8 @@ Each rule looks at the newest monitor record (and the history before it) and ret
 - ``EnvShareRule(max_share, min_norm)``: one environment built more than ``max_share`` of the
   current adapter (``⟨A_e, A⟩/‖A‖²``), once ``‖A‖ >= min_norm``.
 - ``ActivationDriftRule(max_z, baseline_steps)``: an environment's mean activation projection
-  ``‖mean Uᵀh‖`` at some layer is more than ``max_z`` standard deviations from its mean over
-  the first ``baseline_steps`` records.
+  ``mean Uᵀh`` at some layer has moved more than ``max_z`` baseline standard deviations from
+  its mean over the first ``baseline_steps`` records (the Persona-Vectors monitoring signal).
 - ``NonFiniteRule()``: the step's in-subspace update is NaN/Inf.
 
 Actions: ``"stop"`` (default: checkpoint, halt record, stop), ``"warn"`` (log and go on), or
@@ -128,13 +128,22 @@ class EnvShareRule(Rule):
 
 
 class ActivationDriftRule(Rule):
+    """An environment's mean activation projection ``x = mean Uᵀh`` (a k-vector per layer) has moved
+    ``z = ‖x̄ − μ‖ / (σ/√w)`` away from its baseline, where μ is the mean of x over the first
+    ``baseline_steps`` records, σ² the baseline's mean squared distance from μ, and x̄ the mean
+    of the environment's last ``window`` values (w of them; window = 1: the current one)."""
+
     name = "activation_z"
 
-    def __init__(self, max_z: float, baseline_steps: int = 20, min_std: float = 1e-6, action: Any = None):
+    def __init__(self, max_z: float, baseline_steps: int = 20, window: int = 1, min_std: float = 1e-6,
+                 action: Any = None):
         self.max_z = _positive("max_activation_z", max_z)
         if not (isinstance(baseline_steps, int) and baseline_steps >= 2):
             raise ConfigError(f"baseline_steps must be an integer >= 2, got {baseline_steps!r}.")
+        if not (isinstance(window, int) and window >= 1):
+            raise ConfigError(f"activation window must be an integer >= 1, got {window!r}.")
         self.baseline_steps = baseline_steps
+        self.window = window
         self.min_std = min_std
         self.action = action
 
@@ -143,19 +152,30 @@ class ActivationDriftRule(Rule):
         if len(base) < self.baseline_steps:
             return None
         worst: tuple[float, str] | None = None
-        for env, layers in (record.get("activation_norm") or {}).items():
+        for env, layers in (record.get("activation") or {}).items():
             for layer, value in layers.items():
-                series = [h["activation_norm"][env][layer] for h in base
-                          if env in (h.get("activation_norm") or {}) and layer in h["activation_norm"][env]]
+                series = [h["activation"][env][layer] for h in base
+                          if layer in (h.get("activation") or {}).get(env, {})]
                 if len(series) < 2:
                     continue
-                mu = statistics.fmean(series)
-                sd = max(statistics.pstdev(series), self.min_std * max(1.0, abs(mu)))
-                z = abs(value - mu) / sd
+                k = len(value)
+                recent = [h["activation"][env][layer] for h in history[self.baseline_steps:]
+                          if layer in (h.get("activation") or {}).get(env, {})][-(self.window - 1):] \
+                    if self.window > 1 else []
+                recent.append(value)
+                cur = [statistics.fmean(v[i] for v in recent) for i in range(k)]
+                mu = [statistics.fmean(v[i] for v in series) for i in range(k)]
+                var = statistics.fmean(sum((v[i] - mu[i]) ** 2 for i in range(k)) for v in series)
+                scale = math.sqrt(sum(m * m for m in mu))
+                sd = max(math.sqrt(var), self.min_std * max(1.0, scale)) / math.sqrt(len(recent))
+                z = math.sqrt(sum((cur[i] - mu[i]) ** 2 for i in range(k))) / sd
                 if worst is None or z > worst[0]:
                     worst = (z, f"environment {env!r}, layer {layer}")
         if worst and worst[0] > self.max_z:
-            return self._v(record, worst[0], self.max_z, worst[1])
+            v = self._v(record, worst[0], self.max_z, worst[1])
+            v.top_envs = [(worst[1].split("'")[1], round(worst[0], 3)), *[e for e in v.top_envs
+                                                                        if e[0] != worst[1].split("'")[1]]][:3]
+            return v
         return None
 
 
@@ -183,6 +203,7 @@ class HaltPolicy:
         env_share_min_norm: float = 0.0,
         max_activation_z: float | None = None,
         baseline_steps: int = 20,
+        activation_window: int = 1,
         halt_on_nonfinite: bool = True,
         action: str | Callable[[Violation, Record], Any] = "stop",
         rules: Sequence[Rule] = (),
@@ -198,7 +219,7 @@ class HaltPolicy:
         if max_env_share is not None:
             self.rules.append(EnvShareRule(max_env_share, env_share_min_norm))
         if max_activation_z is not None:
-            self.rules.append(ActivationDriftRule(max_activation_z, baseline_steps))
+            self.rules.append(ActivationDriftRule(max_activation_z, baseline_steps, activation_window))
         if halt_on_nonfinite:
             self.rules.append(NonFiniteRule())
         for r in rules:
@@ -217,12 +238,20 @@ class HaltPolicy:
             out.rules.append(r)
         return out
 
-    def evaluate(self, record: Record, history: Sequence[Record]) -> list[tuple[Violation, bool]]:
-        """Violations of this record, each with whether it asks to stop."""
+    def evaluate(self, record: Record, history: Sequence[Record],
+                 active: set[tuple[str, str]] | None = None) -> list[tuple[Violation, bool]]:
+        """Violations of this record that are *new* — ``(rule, detail)`` not in ``active``, the ones
+        already above threshold at the previous step — each with whether it asks to stop.
+        ``active`` is updated in place; actions (warning, callable) run once per crossing."""
         out = []
+        now: set[tuple[str, str]] = set()
         for rule in self.rules:
             v = rule.check(record, history)
             if v is None:
+                continue
+            key = (v.rule, v.detail)
+            now.add(key)
+            if active is not None and key in active:
                 continue
             action = rule.action if rule.action is not None else self.action
             if callable(action):
@@ -233,6 +262,9 @@ class HaltPolicy:
                     warnings.warn(f"drift: {v.rule} = {v.value:.4g} > {v.threshold:.4g} at step {v.step} "
                                   f"({v.detail}; top environments {v.top_envs})", GradrouteWarning, stacklevel=3)
             out.append((v, stop))
+        if active is not None:
+            active.clear()
+            active.update(now)
         return out
 
     def describe(self) -> dict[str, Any]:

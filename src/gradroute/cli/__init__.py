@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from ..errors import GradrouteError
 
-_COMMANDS = ("demo", "subspace", "adapter")
+_COMMANDS = ("demo", "subspace", "adapter", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:

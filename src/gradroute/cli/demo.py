@@ -1,4 +1,4 @@
-"""``gradroute demo``: the embedded end-to-end run on a toy persona world."""
+"""``gradroute demo``: the toy persona world end to end (see :mod:`gradroute.demo`)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the embedded end-to-end example on a tiny local model")
+    p = sub.add_parser("demo", help="the embedded end-to-end run: toy persona world, GRPO, routing, halt, discard")
     p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
-    p.add_argument("--quick", action="store_true", help="smaller, faster run (used by the tests)")
+    p.add_argument("--quick", action="store_true", help="a shorter run (under 90 s; used by the tests)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_run)
 
@@ -18,4 +18,6 @@ def _run(args: argparse.Namespace) -> int:
 
     summary = run_demo(out=args.out, quick=args.quick, seed=args.seed)
     print(summary["table"])
+    print(f"\nrun directory: {args.out} (report.md, report.json, figures/, runs/*/gradroute.jsonl); "
+          f"{summary['seconds']:.0f} s")
     return 0
