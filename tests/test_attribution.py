@@ -185,3 +185,33 @@ def test_bad_env_input():
         plain.step(env_ids=["a"])
     with pytest.raises(ConfigError, match="duplicate"):
         gr.GradientRouter(tiny_lm("llama")[0], sub, envs=["a", "a"])
+
+
+def test_a_failed_step_changes_nothing_and_can_be_retried():
+    """Missing env ids raise before any state changes; the retry with ids accounts the step."""
+    model, sub, opt, router = _setup(envs=("a", "b"), only_writers=False)
+    x = torch.randint(3, 100, (4, 8), generator=torch.Generator().manual_seed(7))
+    model(input_ids=x, labels=x).loss.backward()
+    opt.step()
+    A = {m: router.adapter_coords(m) for m in router.plan.modules}
+    with pytest.raises(EnvColumnError, match="without environment ids"):
+        router.step()
+    with pytest.raises(EnvColumnError, match="got 3 ids but the step ran 4 rows"):
+        router.step(env_ids=["a", "b", "a"])
+    assert router.steps == 0 and all(torch.equal(A[m], router.adapter_coords(m)) for m in A)
+    rec = router.step(env_ids=["a", "b", "a", "b"])
+    assert rec.update_norm > 0 and router.steps == 1
+    for m in router.plan.modules:
+        parts = sum(router.adapter_coords(m, e) for e in router.envs)
+        assert torch.allclose(parts, router.adapter_coords(m), atol=1e-9)
+    assert set(router.envs) == {"a", "b"}
+
+
+def test_explicit_env_weights_drop_what_the_hooks_captured():
+    model, sub, opt, router = _setup(envs=("a", "b"), only_writers=False)
+    x = torch.randint(3, 100, (2, 8))
+    with router.attribution.batch(["a", "b"]):
+        model(input_ids=x, labels=x).loss.backward()
+    opt.step()
+    router.step(env_weights={"a": 1.0})
+    assert not router.attribution._G and not router.attribution._rows and router.attribution._ctx is None

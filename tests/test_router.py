@@ -355,3 +355,14 @@ def test_plan_options_and_summary():
     # explicit globs
     globbed = gr.build_plan(model, _subspace(), targets=["model.layers.[12].mlp.down_proj"])
     assert globbed.modules == ["model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj"]
+
+
+def test_interventions_restore_in_reverse_order():
+    from gradroute.interventions import ablate
+
+    model, _ = tiny_lm("llama")
+    sub = _subspace()
+    W = model.model.layers[1].self_attn.o_proj.weight.detach().clone()
+    with ablate(model, sub, 1, writers=["model.layers.1.self_attn.o_proj", "model.layers.1.self_attn.o_proj"]):
+        pass
+    assert torch.equal(model.model.layers[1].self_attn.o_proj.weight, W)

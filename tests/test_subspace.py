@@ -184,14 +184,17 @@ def test_persona_vectors_import_is_off_by_one(tmp_path):
     T = torch.randn(n + 1, d)  # [n_layers + 1, d], indexed like hidden_states
     torch.save(T, tmp_path / "trait.pt")
     sub = gr.Subspace.from_persona_vectors(tmp_path / "trait.pt", name="evil")
-    assert sub.layers == (0, 1, 2, 3)
+    # the last row is hidden_states[-1] (after the final norm): not a block output, never imported
+    assert sub.layers == (-1, 0, 1, 2)
     for L in sub.layers:
         assert torch.equal(sub.directions(L)[0], T[L + 1])  # our layer L = their index L + 1
     assert sub.provenance.source == "persona_vectors"
-    only = gr.Subspace.from_persona_vectors(T, layers=[-1, 3])
+    only = gr.Subspace.from_persona_vectors(T, layers=[-1, 2])
     assert torch.equal(only.directions(-1)[0], T[0])
-    with pytest.raises(UnknownLayerError, match="-1..3"):
-        gr.Subspace.from_persona_vectors(T, layers=[4])
+    with pytest.raises(UnknownLayerError, match="final norm"):
+        gr.Subspace.from_persona_vectors(T, layers=[3])
+    with pytest.raises(UnknownLayerError, match="-1..2"):
+        gr.Subspace.from_persona_vectors(T, layers=[7])
 
 
 def test_assistant_axis_import_is_not_off_by_one(tmp_path):
@@ -223,6 +226,16 @@ def test_plain_file_imports(tmp_path):
     (tmp_path / "evil.pt").write_bytes(pickle.dumps(Evil()))
     with pytest.raises(FileFormatError, match="weights_only"):
         gr.Subspace.from_file(tmp_path / "evil.pt", layers=[0])
+
+
+def test_select_directions_by_name_or_index():
+    sub = _sub()
+    assert torch.equal(sub.select(0, "sycophant"), sub.basis(0)[:, [1]])
+    assert torch.equal(sub.select(2, [2, "a"]), sub.basis(2)[:, [2, 0]])
+    with pytest.raises(UnknownLayerError, match="no direction named 'evil'"):
+        sub.select(0, "evil")
+    with pytest.raises(UnknownLayerError, match="out of range"):
+        sub.select(0, 5)
 
 
 def test_all_errors_are_gradroute_errors_with_fixes():

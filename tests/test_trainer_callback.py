@@ -83,3 +83,35 @@ def test_skipped_optimizer_steps_are_not_counted(tmp_path):
     assert router.steps == MAX_STEPS - 1
     cb = router.callback()
     assert cb.router is router
+
+
+def test_resume_without_router_state_is_refused_unless_allowed(tmp_path):
+    from gradroute.errors import AdapterError
+
+    _run(tmp_path / "plain", routed=False)  # checkpoints without gradroute state
+    model, _ = tiny_lm("llama")
+    trainer = Trainer(model=model, args=_args(tmp_path / "plain"), train_dataset=_data())
+    gr.attach(trainer, _subspace(), env_column=None)
+    with pytest.raises(AdapterError, match="allow_missing_state"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "plain" / "checkpoint-3"))
+    model, _ = tiny_lm("llama")
+    trainer = Trainer(model=model, args=_args(tmp_path / "plain"), train_dataset=_data())
+    handle = gr.attach(trainer, _subspace(), env_column=None, allow_missing_state=True)
+    with pytest.warns(gr.GradrouteWarning, match="starts empty"):
+        trainer.train(resume_from_checkpoint=True)  # the newest checkpoint
+    assert handle.router.steps == 0 or handle.router.steps <= MAX_STEPS
+
+
+def test_detach_restores_the_trainer(tmp_path):
+    model, _ = tiny_lm("llama")
+    ids = torch.randint(3, 100, (8, 6)).tolist()
+    ds = Dataset.from_dict({"input_ids": ids, "labels": ids, "env": ["a", "b"] * 4})
+    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=ds)
+    collator, n_callbacks = trainer.data_collator, len(trainer.callback_handler.callbacks)
+    handle = gr.attach(trainer, _subspace(), env_column="env")
+    assert "compute_loss" in trainer.__dict__ and trainer.data_collator is not collator
+    handle.detach()
+    assert "compute_loss" not in trainer.__dict__ and "train" not in trainer.__dict__
+    assert trainer.data_collator is collator and len(trainer.callback_handler.callbacks) == n_callbacks
+    gr.attach(trainer, _subspace(), env_column="env")  # attaching again works
+    trainer.train()

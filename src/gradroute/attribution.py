@@ -123,7 +123,7 @@ class Attribution:
                     "declare every environment (envs=[...]) or leave envs unset to learn them as they come.",
                 ) from None
             if name == UNATTRIBUTED:
-                raise EnvColumnError(f"{UNATTRIBUTED!r} is reserved.") from None
+                raise EnvColumnError(f"{UNATTRIBUTED!r} is reserved.", "rename that environment.") from None
             self.vocab.append(name)
             return len(self.vocab) - 1
 
@@ -131,7 +131,8 @@ class Attribution:
         if torch.is_tensor(env_ids):
             ids = env_ids.detach().to("cpu").long().reshape(-1)
             if ids.numel() and (ids.min() < 0 or ids.max() >= len(self.vocab)):
-                raise EnvColumnError(f"env index out of range for environments {self.vocab}.")
+                raise EnvColumnError(f"env index out of range for environments {self.vocab}.",
+                                     "pass indices into the declared environments, or their names.")
             return ids
         return torch.tensor([self.env_index(e) for e in env_ids], dtype=torch.long)
 
@@ -265,6 +266,14 @@ class Attribution:
             if route.bias is not None:
                 self._pending.append((t.module, r.sum(1), True))
             return
+        if env.numel() != B:
+            from .errors import PackingError
+
+            raise PackingError(
+                f"{env.numel()} environment ids for a batch of {B} rows at {t.module!r}: rows were packed or "
+                "reshaped, so tokens cannot be matched to environments.",
+                "keep one row per sample (no packing / padding-free batching) while attributing.",
+            )
         env = env.to(r.device)
         present = env.unique().tolist()
         for e in present:
@@ -283,13 +292,15 @@ class Attribution:
                 accb[e] = accb[e] + gb if e in accb else gb
 
     def _activation_hook(self, U: torch.Tensor):
-        U = U.to(torch.float32)
+        per_device = {U.device: U.to(torch.float32)}
 
         def hook(layer: LayerKey, h: torch.Tensor) -> None:
             if not torch.is_grad_enabled() or not self.router.model.training:
                 return None
             with torch.no_grad():
-                c = P.coords(h.detach(), U.to(h.device))       # (B, T, k)
+                if h.device not in per_device:
+                    per_device[h.device] = per_device[next(iter(per_device))].to(h.device)
+                c = P.coords(h.detach(), per_device[h.device])       # (B, T, k)
                 B, k = c.shape[0], c.shape[-1]
                 c = c.reshape(B, -1, k)
                 mask = self._mask
@@ -354,6 +365,24 @@ class Attribution:
             self._rows[e] += 1.0
         self._pending, self._pending_act, self._pending_rows = [], [], 0
 
+    def check_ready(self, env_ids: Any | None) -> None:
+        """Raise now (before the router changes anything) if this step cannot be attributed."""
+        if not self._pending and not self._pending_act and not self._pending_rows:
+            return
+        if env_ids is None:
+            raise EnvColumnError(
+                "gradients were recorded without environment ids.",
+                "set them before the forward pass (attribution.batch(env_ids) / attach(..., env_column=...)) "
+                "or pass router.step(env_ids=...) with one id per row of the step's micro-batches, in order.",
+            )
+        n = len(env_ids) if not torch.is_tensor(env_ids) else env_ids.numel()
+        if self._pending_rows and n != self._pending_rows:
+            raise EnvColumnError(
+                f"router.step(env_ids=...) got {n} ids but the step ran {self._pending_rows} rows.",
+                "give one id per row of every micro-batch of the step, in order.",
+            )
+        self._to_index(env_ids)  # unknown names raise here too
+
     def _optimizer_betas(self) -> tuple[float, float | None]:
         """(β1, β2) of the optimizer that makes the adapter's update; β2 None = no preconditioner."""
         if self.betas is not None:
@@ -373,6 +402,7 @@ class Attribution:
             d.clear()
         self._rows.clear()
         self._pending, self._pending_act, self._pending_rows = [], [], 0
+        self._ctx = None
 
     def _gather(self) -> None:
         """All-reduce this step's per-env sums over ranks (fixed vocabulary order)."""
@@ -512,6 +542,7 @@ class Attribution:
             d.clear()
         self._rows.clear()
         self._rewards.clear()
+        self._ctx = None
         return step
 
     # ------------------------------------------------------------------ persistence
@@ -530,12 +561,13 @@ class Attribution:
             if e not in self.vocab:
                 self.env_index(e)
         remap = {i: self.vocab.index(e) for i, e in enumerate(saved)}
+        devices = {r.target.module: r.weight.device for r in self.router._routes}
         self._m = defaultdict(dict)
         self._v = {}
         for key, t in tensors.items():
             if key.startswith("m."):
                 _, e, name = key.split(".", 2)
-                self._m[name][remap[int(e)]] = t
+                self._m[name][remap[int(e)]] = t.to(devices.get(name, t.device))
             elif key.startswith("v."):
-                self._v[key[2:]] = t
+                self._v[key[2:]] = t.to(devices.get(key[2:], t.device))
         self._t = int(meta.get("t", 0))

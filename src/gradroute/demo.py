@@ -69,7 +69,7 @@ def pretrain(cfg: DemoConfig, seed: int = 0, progress: bool = True):
     g = torch.Generator().manual_seed(seed)
     model.train()
     loss = torch.zeros(())
-    for _ in tqdm(range(steps), desc="pre-training", disable=not progress, leave=False):
+    for _ in tqdm(range(steps), desc="pre-training", disable=None if progress else True, leave=False):
         idx = torch.randint(0, len(texts), (32,), generator=g).tolist()
         enc = tok([texts[i] + tok.eos_token for i in idx], return_tensors="pt", padding=True)
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
@@ -245,7 +245,7 @@ def _table(s: dict[str, Any], markdown: bool = False) -> str:
 
 
 def _rates_figure(s: dict[str, Any], out: Path) -> list[Path]:
-    from .report import _plt
+    from .report import _plt, save_figure
 
     plt = _plt()
     (out / "figures").mkdir(parents=True, exist_ok=True)
@@ -263,10 +263,6 @@ def _rates_figure(s: dict[str, Any], out: Path) -> list[Path]:
                       [e + (" *" if e in s["exploitable"] else "") for e in s["envs"]])
         ax.set(title=f"{metric} rate (* exploitable)", ylim=(0, 1.05))
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    p = out / "figures" / "rates.png"
-    fig.savefig(p, dpi=90)
-    plt.close(fig)
-    return [p]
+    return [save_figure(fig, out / "figures" / "rates.png")]
 
 

@@ -33,14 +33,6 @@ from .layers import LayerKey
 from .subspace import Subspace
 
 
-def _basis(subspace: Subspace, layer: LayerKey, directions: Sequence[int | str] | None) -> torch.Tensor:
-    U = subspace.basis(layer)
-    if directions is not None:
-        names = subspace.names(layer)
-        U = U[:, [names.index(d) if isinstance(d, str) else int(d) for d in directions]]
-    return U
-
-
 @contextmanager
 def _on_activation(model: nn.Module, layer: LayerKey, fn) -> Iterator[None]:
     from .integrations.transformers import add_residual_hook, block_hidden, replace_hidden, unwrap_model
@@ -65,7 +57,7 @@ def _on_activation(model: nn.Module, layer: LayerKey, fn) -> Iterator[None]:
 def suppress(model: nn.Module, subspace: Subspace, layer: LayerKey,
              directions: Sequence[int | str] | None = None) -> Iterator[None]:
     """Remove the positive component along each direction at ``layer`` (see module docstring)."""
-    U = _basis(subspace, layer, directions)
+    U = subspace.select(layer, directions)
 
     def fn(h: torch.Tensor) -> torch.Tensor:
         c = P.coords(h, U.to(h.device))
@@ -79,7 +71,7 @@ def suppress(model: nn.Module, subspace: Subspace, layer: LayerKey,
 def cap(model: nn.Module, subspace: Subspace, layer: LayerKey, tau: float,
         directions: Sequence[int | str] | None = None) -> Iterator[None]:
     """Cap the projection on each direction at ``tau``: ``h −= relu(uᵀh − τ) u``."""
-    U = _basis(subspace, layer, directions)
+    U = subspace.select(layer, directions)
 
     def fn(h: torch.Tensor) -> torch.Tensor:
         c = P.coords(h, U.to(h.device))
@@ -100,7 +92,7 @@ def ablate(model: nn.Module, subspace: Subspace, layer: LayerKey, directions: Se
     from .plan import module_kind, residual_axis, weight_module
 
     base = unwrap_model(model)
-    U = _basis(subspace, layer, directions)
+    U = subspace.select(layer, directions)
     if writers is None and readers is None:
         if not isinstance(layer, int):
             raise ConfigError(f"ablate at {layer!r} needs writers=[...] and/or readers=[...] module names.")
@@ -128,7 +120,7 @@ def ablate(model: nn.Module, subspace: Subspace, layer: LayerKey, directions: Se
         yield
     finally:
         with torch.no_grad():
-            for p, orig in saved:
+            for p, orig in reversed(saved):  # reverse: a module edited twice gets its first original back
                 p.copy_(orig)
 
 

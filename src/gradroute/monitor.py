@@ -224,11 +224,10 @@ class DriftMonitor:
 
     # ------------------------------------------------------------------ records
     def make_record(self, rec: StepRecord, step: int | None = None) -> dict[str, Any]:
-        norms = self.router.adapter_norm()
         out: dict[str, Any] = {
             "type": "step", "step": int(step if step is not None else rec.step), "time": time.time(),
             "adapter_norm": rec.adapter_norm,
-            "adapter_norm_per_layer": {str(k): v for k, v in norms.per_layer.items()},
+            "adapter_norm_per_layer": {str(k): v for k, v in rec.adapter_norm_per_layer.items()},
             "update_norm": rec.update_norm,
             "update_norm_per_layer": {str(k): v for k, v in rec.update_norm_per_layer.items()},
             "nonfinite": rec.nonfinite,
@@ -263,10 +262,21 @@ class DriftMonitor:
                     self.halt = {"type": "halt", **v.to_dict(), "checkpoint": checkpoint, "time": time.time()}
                     self._write(self.halt)
         self.history.append(record)
+        self._trim_history()
         self.last = record
         if stop and self.raise_on_halt:
             raise DriftHalt(self.halt)  # type: ignore[arg-type]
         return stop
+
+    def _trim_history(self) -> None:
+        """Keep what the rules look at — the baseline at the start, a recent tail — not the whole run."""
+        head, tail = 0, 2
+        for r in (self.policy.rules if self.policy is not None else []):
+            head = max(head, getattr(r, "baseline_steps", 0))
+            tail = max(tail, getattr(r, "window", 1) + 2)
+        limit = head + tail
+        if len(self.history) > limit + 64:
+            self.history = self.history[:head] + self.history[-tail:]
 
     def _write(self, record: dict[str, Any]) -> None:
         if self._log is not None:

@@ -39,7 +39,7 @@ from .errors import (
     UnknownLayerError,
     UnsupportedModuleError,
 )
-from .layers import EMBEDDINGS, LayerKey
+from .layers import EMBEDDINGS, LayerKey, reader_layer, writer_layer
 from .subspace import Subspace
 
 SIDES = ("write", "read", "both")
@@ -75,7 +75,8 @@ def io_dims(module: nn.Module) -> tuple[int, int]:
         return w.shape[0], w.shape[1]
     if kind == "embedding":
         return w.shape[0], w.shape[1]
-    raise UnsupportedModuleError(f"{type(module).__name__} is not a Linear, Conv1D or Embedding.")
+    raise UnsupportedModuleError(f"{type(module).__name__} is not a Linear, Conv1D or Embedding.",
+                                 "route the Linear/Conv1D/Embedding layers inside it instead.")
 
 
 def residual_axis(kind: str, side: str) -> int:
@@ -86,7 +87,7 @@ def residual_axis(kind: str, side: str) -> int:
         return 0 if side == "write" else 1
     if kind == "conv1d":
         return 1 if side == "write" else 0
-    raise UnsupportedModuleError(f"unsupported module kind {kind!r}.")
+    raise UnsupportedModuleError(f"unsupported module kind {kind!r}.", "use linear, conv1d or embedding.")
 
 
 @dataclass(frozen=True)
@@ -114,11 +115,6 @@ class RouteTarget:
     def adapter_params(self) -> int:
         a, b = self.adapter_shape
         return a * b + (self.rank if self.bias else 0)
-
-    @property
-    def peft_fixed_factor(self) -> str:
-        """Which LoRA factor is the frozen basis: ``"B"`` (writers, embeddings) or ``"A"`` (readers)."""
-        return "A" if self.side == "read" else "B"
 
 
 class RoutingPlan:
@@ -285,11 +281,12 @@ def build_plan(
                 s = "write" if name in io["writers"] else "read" if name in io["readers"] else None
                 if s is None:
                     raise NoTargetError(f"{name!r} neither writes nor reads the residual stream.")
-            layer = basis_for(b if s == "write" else b - 1)
+            position = writer_layer(b) if s == "write" else reader_layer(b)
+            layer = basis_for(position)
             if layer is None:
                 raise NoTargetError(
                     f"{name!r} ({'writer' if s == 'write' else 'reader'} of block {b}) needs the basis of "
-                    f"layer {b if s == 'write' else b - 1}, "
+                    f"layer {position}, "
                     f"which the subspace lacks (it has {int_layers}).",
                     "add that layer to the subspace, or pass spread=N to let a neighbour's basis cover it.",
                 )
@@ -298,11 +295,11 @@ def build_plan(
         if block_info is not None:
             for b, io in enumerate(block_info):
                 if side in ("write", "both"):
-                    layer = basis_for(b)
+                    layer = basis_for(writer_layer(b))
                     if layer is not None:
                         chosen += [(n, layer, "write", b) for n in io["writers"]]
                 if side in ("read", "both"):
-                    layer = basis_for(b - 1)
+                    layer = basis_for(reader_layer(b))
                     if layer is not None:
                         chosen += [(n, layer, "read", b) for n in io["readers"]]
             for L in int_layers:

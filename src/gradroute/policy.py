@@ -40,6 +40,7 @@ class Violation:
     step: int
     top_envs: list[tuple[str, float]] = field(default_factory=list)
     detail: str = ""
+    env: str | None = None  # the environment the rule is about, when there is one
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -124,7 +125,11 @@ class EnvShareRule(Rule):
         if not shares:
             return None
         env, s = max(shares.items(), key=lambda x: x[1])
-        return self._v(record, s, self.max_share, f"environment {env!r}") if s > self.max_share else None
+        if s <= self.max_share:
+            return None
+        v = self._v(record, s, self.max_share, f"environment {env!r}")
+        v.env = env
+        return v
 
 
 class ActivationDriftRule(Rule):
@@ -170,11 +175,12 @@ class ActivationDriftRule(Rule):
                 sd = max(math.sqrt(var), self.min_std * max(1.0, scale)) / math.sqrt(len(recent))
                 z = math.sqrt(sum((cur[i] - mu[i]) ** 2 for i in range(k))) / sd
                 if worst is None or z > worst[0]:
-                    worst = (z, f"environment {env!r}, layer {layer}")
+                    worst = (z, env, f"environment {env!r}, layer {layer}")
         if worst and worst[0] > self.max_z:
-            v = self._v(record, worst[0], self.max_z, worst[1])
-            v.top_envs = [(worst[1].split("'")[1], round(worst[0], 3)), *[e for e in v.top_envs
-                                                                        if e[0] != worst[1].split("'")[1]]][:3]
+            z, env, detail = worst
+            v = self._v(record, z, self.max_z, detail)
+            v.env = env
+            v.top_envs = [(env, round(z, 3)), *[e for e in v.top_envs if e[0] != env]][:3]
             return v
         return None
 

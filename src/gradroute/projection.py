@@ -121,7 +121,10 @@ def orthonormalize(
     from .errors import GradrouteWarning
 
     if on_degenerate not in ("error", "warn", "drop"):
-        raise ValueError(f"on_degenerate must be 'error', 'warn' or 'drop', got {on_degenerate!r}")
+        from .errors import ConfigError
+
+        raise ConfigError(f"on_degenerate must be 'error', 'warn' or 'drop', got {on_degenerate!r}.",
+                          "pass one of those three.")
     if not (0 < rtol < 1):
         raise DegenerateDirectionsError(f"rtol must be in (0, 1), got {rtol}.")
     D = torch.as_tensor(directions)
@@ -181,10 +184,15 @@ def random_basis(d: int, k: int, generator: torch.Generator | None = None) -> to
     if not (0 < k <= d):
         raise DegenerateDirectionsError(f"cannot draw a rank-{k} basis in dimension {d}.")
     G = torch.randn(d, k, generator=generator, dtype=torch.float64)
-    Q, R = torch.linalg.qr(G)
+    return _qr_q(G).to(torch.float32)
+
+
+def _qr_q(X: torch.Tensor) -> torch.Tensor:
+    """Q of X = QR with R's diagonal made positive (so Q's columns keep X's orientation)."""
+    Q, R = torch.linalg.qr(X)
     signs = torch.diagonal(R).sign()
     signs[signs == 0] = 1.0
-    return (Q * signs).to(torch.float32)
+    return Q * signs
 
 
 def orthonormality_error(U: torch.Tensor) -> float:
@@ -219,7 +227,4 @@ def refine_basis(U: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.T
     A float32 basis is orthonormal only to ~1e-7, so ``Uᵀ(U A) = A`` holds only to
     ~1e-7·‖A‖; bookkeeping that subtracts a large adapter needs the refined basis.
     """
-    Q, R = torch.linalg.qr(U.to(dtype))
-    signs = torch.diagonal(R).sign()
-    signs[signs == 0] = 1.0
-    return Q * signs
+    return _qr_q(U.to(dtype))

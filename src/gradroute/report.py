@@ -23,6 +23,14 @@ def _plt():
     return plt
 
 
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write (PNG) and close a figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    _plt().close(fig)
+    return path
+
+
 def _columns(df, prefix: str) -> dict[str, str]:
     return {c[len(prefix):]: c for c in df.columns if c.startswith(prefix)}
 
@@ -61,10 +69,7 @@ def figures(run_dir: str | Path, out: str | Path | None = None, title: str | Non
     _mark_events(ax, events)
     ax.set(xlabel="step", ylabel="‖adapter‖", title=f"{name}: adapter norm per environment")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "adapter_norm.png")
-    fig.savefig(paths[-1], dpi=90)
-    plt.close(fig)
+    paths.append(save_figure(fig, out / "adapter_norm.png"))
 
     layers = _columns(df, "adapter_norm_per_layer.")
     if layers:
@@ -78,10 +83,7 @@ def figures(run_dir: str | Path, out: str | Path | None = None, title: str | Non
         ax.set_yticks(range(len(keys)), [f"layer {k}" for k in keys])
         ax.set(xlabel="step", title=f"{name}: adapter norm per layer")
         fig.colorbar(im, ax=ax)
-        fig.tight_layout()
-        paths.append(out / "layer_heatmap.png")
-        fig.savefig(paths[-1], dpi=90)
-        plt.close(fig)
+        paths.append(save_figure(fig, out / "layer_heatmap.png"))
 
     shares = _columns(df, "env_adapter_share.")
     if shares:
@@ -92,10 +94,7 @@ def figures(run_dir: str | Path, out: str | Path | None = None, title: str | Non
         ax.axhline(0, color="0.7", lw=0.5)
         ax.set(xlabel="step", ylabel="⟨A_e, A⟩ / ‖A‖²", title=f"{name}: who built the adapter")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        paths.append(out / "env_share.png")
-        fig.savefig(paths[-1], dpi=90)
-        plt.close(fig)
+        paths.append(save_figure(fig, out / "env_share.png"))
 
     acts = [c for c in df.columns if c.startswith("activation.") and not c.startswith("activation_norm")]
     if acts:
@@ -117,10 +116,7 @@ def figures(run_dir: str | Path, out: str | Path | None = None, title: str | Non
         _mark_events(ax, events)
         ax.set(xlabel="step", ylabel="mean uᵀh", title=f"{name}: activation projection (layer that moved most)")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        paths.append(out / "activation.png")
-        fig.savefig(paths[-1], dpi=90)
-        plt.close(fig)
+        paths.append(save_figure(fig, out / "activation.png"))
     return paths
 
 

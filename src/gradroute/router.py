@@ -89,8 +89,24 @@ class _Route:
 
     def _basis(self) -> torch.Tensor:
         if self.U.device != self.weight.device:
-            self.U = self.U.to(self.weight.device)
+            self.follow_device()
         return self.U
+
+    def follow_device(self) -> None:
+        """Move the basis and all bookkeeping to the weight's device (after ``model.to(...)``)."""
+        dev = self.weight.device
+        if self.U.device == dev and self.ref0.device == dev:
+            return
+        self.U = self.U.to(dev)
+        self._U32 = None
+        self.ref0, self.adapter = self.ref0.to(dev), self.adapter.to(dev)
+        if self.ref0_b is not None:
+            self.ref0_b, self.adapter_b = self.ref0_b.to(dev), self.adapter_b.to(dev)
+        self.env = {e: t.to(dev) for e, t in self.env.items()}
+        self.env_b = {e: t.to(dev) for e, t in self.env_b.items()}
+        for p in (self.param_A, self.param_Ab):
+            if p is not None and p.device != dev:
+                p.data = p.data.to(dev)
 
     def _slabs(self, x: torch.Tensor, axis: int) -> list[torch.Tensor]:
         """Views of ``x`` split along its non-residual axis, each small enough to convert to
@@ -206,7 +222,8 @@ def _innermost_optimizer(opt: Any) -> torch.optim.Optimizer:
             break
         opt = inner
     if not isinstance(opt, torch.optim.Optimizer):
-        raise ConfigError(f"{type(opt).__name__} is not a torch optimizer.")
+        raise ConfigError(f"{type(opt).__name__} is not a torch optimizer.",
+                          "pass the torch.optim optimizer that steps the model (or a wrapper with .optimizer).")
     return opt
 
 
@@ -375,6 +392,7 @@ class GradientRouter:
         Cheap when nothing changed (parameter version counters are compared).
         """
         for r in self._routes:
+            r.follow_device()
             if r._versions() != r.version:
                 r.ref0 = r.coords() - r.adapter
                 if r.bias is not None:
@@ -414,6 +432,15 @@ class GradientRouter:
                 self.attribution.reset_step()
             return None
         shares = self._parse_env_weights(env_weights)  # validate before anything changes
+        if self.attribution is not None:
+            if env_weights is not None:
+                self.attribution.reset_step()  # explicit weights win; drop what the hooks captured
+            else:
+                self.attribution.check_ready(env_ids)  # raises before any state changes
+        for r in self._routes:
+            r.follow_device()
+        if self._adapter_opt is not None:
+            self._move_optimizer_state()
         deltas: dict[str, torch.Tensor] = {}
         deltas_b: dict[str, torch.Tensor] = {}
         if self.mode == "update":
@@ -473,6 +500,12 @@ class GradientRouter:
         if observe and self.monitor is not None:
             self.monitor.observe(record)
         return record
+
+    def _move_optimizer_state(self) -> None:
+        for p, st in self._adapter_opt.state.items():  # type: ignore[union-attr]
+            for k, v in st.items():
+                if torch.is_tensor(v) and v.ndim > 0 and v.device != p.device:
+                    st[k] = v.to(p.device)
 
     def _parse_env_weights(self, env_weights: Mapping[str, Any] | None) -> dict[str, dict[str, float]] | None:
         """Per-module shares {module: {env: share}} summing to exactly 1 in float64."""
@@ -568,7 +601,8 @@ class GradientRouter:
         try:
             return self._by_name[module]
         except KeyError:
-            raise AdapterError(f"{module!r} is not routed; routed modules: {self.plan.modules}.") from None
+            raise AdapterError(f"{module!r} is not routed; routed modules: {self.plan.modules}.",
+                               "use one of the routed module names (router.plan.modules).") from None
 
     def _env_check(self, env: str | None) -> None:
         if env is not None and env not in self._envs:
@@ -761,7 +795,8 @@ class GradientRouter:
 
     def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
         if meta.get("format") != STATE_FORMAT:
-            raise AdapterError("not a gradroute router state.")
+            raise AdapterError("not a gradroute router state.",
+                               "pass the directory written by router.save_state (a checkpoint's gradroute/).")
         if meta.get("plan_fingerprint") != self.plan.fingerprint() or meta.get("subspace_hash") != self.subspace.content_hash:
             raise AdapterError(
                 "the router state was saved for another routing plan or subspace "
@@ -769,7 +804,8 @@ class GradientRouter:
                 "build the router with the same subspace and options as the run that saved it.",
             )
         if meta.get("mode") != self.mode:
-            raise AdapterError(f"the state is from mode {meta.get('mode')!r}, this router is {self.mode!r}.")
+            raise AdapterError(f"the state is from mode {meta.get('mode')!r}, this router is {self.mode!r}.",
+                               f"create the router with mode={meta.get('mode')!r}.")
         envs = list(meta.get("envs", []))
         with torch.no_grad():
             for r in self._routes:
@@ -794,6 +830,8 @@ class GradientRouter:
                         "(was a different checkpoint loaded?). Re-syncing: the difference goes to the base.",
                         GradrouteWarning, stacklevel=2)
                     r.ref0 = got - r.adapter
+                    if r.bias is not None:
+                        r.ref0_b = r.coords_b() - r.adapter_b
                 r.version = r._versions()
         self._envs = envs
         self.steps = int(meta.get("steps", 0))

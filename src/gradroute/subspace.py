@@ -199,6 +199,9 @@ class Subspace:
             if names is None:
                 nm = [f"dir{i}" for i in range(D.shape[0])]
             elif isinstance(names, Mapping):
+                if key not in names:
+                    raise SubspaceError(f"names has no entry for layer {key!r}.",
+                                        "give names for every layer, or one list used at every layer.")
                 nm = list(names[key])
             else:
                 nm = list(names)
@@ -363,15 +366,23 @@ class Subspace:
     ) -> Subspace:
         """Import a Persona Vectors tensor ``[n_layers + 1, d]`` (indexed like ``hidden_states``).
 
-        Index i is our layer i − 1. ``layers`` (ours) selects which to keep; default: all block
-        outputs 0..n_layers − 1. The vector is kept unnormalized in ``directions``.
+        Index i is our layer i − 1. The last row is HF's ``hidden_states[-1]``, taken after the
+        final norm: it is not the last block's output, so it is never imported (ask for layer
+        n_layers − 1 and you get an error). ``layers`` (ours) selects which to keep; default:
+        −1..n_layers − 2. The vector is kept unnormalized in ``directions``.
         """
-        from .layers import from_persona_vectors_index
+        from .layers import layer_from_hidden_states_index
 
         T = cls._peer_tensor(source, ("vector", "persona_vector", "vectors"))
         n = T.shape[0] - 1
-        avail = {from_persona_vectors_index(i): T[i] for i in range(T.shape[0])}
-        return cls._from_indexed(avail, layers, range(n), name, "persona_vectors", source, model,
+        avail = {layer_from_hidden_states_index(i, n): T[i] for i in range(n)}  # row n: post-norm
+        if layers is not None and n - 1 in [int(L) for L in layers]:
+            raise UnknownLayerError(
+                f"layer {n - 1} (the last block) is not in a Persona Vectors file: its last row is "
+                "hidden_states[-1], taken after the final norm.",
+                "use layers up to n_layers - 2, or compute the last block's vector with from_probe.",
+            )
+        return cls._from_indexed(avail, layers, range(-1, n - 1), name, "persona_vectors", source, model,
                                  extra={"file_rows": T.shape[0], "index_convention": "hidden_states (i -> i-1)"})
 
     @classmethod
@@ -498,6 +509,25 @@ class Subspace:
 
     def names(self, layer: LayerKey) -> tuple[str, ...]:
         return self._get(self._names, layer)
+
+    def select(self, layer: LayerKey, directions: int | str | Sequence[int | str] | None = None) -> torch.Tensor:
+        """Basis columns at ``layer`` picked by index or name (all of them for None), as (d x m)."""
+        U = self.basis(layer)
+        if directions is None:
+            return U
+        names = self.names(layer)
+        idx = []
+        for d in (directions if isinstance(directions, list | tuple) else [directions]):
+            if isinstance(d, str):
+                if d not in names:
+                    raise UnknownLayerError(f"layer {layer!r} has no direction named {d!r}; it has {list(names)}.",
+                                            "use one of those names, or an index.")
+                idx.append(names.index(d))
+            else:
+                if not (-U.shape[1] <= int(d) < U.shape[1]):
+                    raise UnknownLayerError(f"layer {layer!r} has {U.shape[1]} directions; index {d} is out of range.")
+                idx.append(int(d))
+        return U[:, idx]
 
     def rank(self, layer: LayerKey) -> int:
         return self._get(self._bases, layer).shape[1]

@@ -86,13 +86,7 @@ class _Directional(Term):
     def __init__(self, subspace: Subspace, layer: LayerKey, directions: int | str | list[int | str] | None = None,
                  name: str | None = None):
         super().__init__(name)
-        U = subspace.basis(layer)
-        if directions is not None:
-            names = subspace.names(layer)
-            idx = [names.index(d) if isinstance(d, str) else int(d)
-                   for d in (directions if isinstance(directions, list) else [directions])]
-            U = U[:, idx]
-        self.U = U
+        self.U = subspace.select(layer, directions)
         self.layer = layer
 
     def _basis(self, z: torch.Tensor) -> torch.Tensor:

@@ -98,8 +98,22 @@ def save_adapter(router: GradientRouter, path: str | Path, env: str | None = Non
     model and the base alone is the "discarded" model.
     """
     if base not in ("modules", "model", "none"):
-        raise AdapterError(f"base must be 'modules', 'model' or 'none', got {base!r}.")
+        raise AdapterError(f"base must be 'modules', 'model' or 'none', got {base!r}.", "pass one of those.")
+    from ..distributed import is_main_process, world_size
+
     path = Path(path)
+    if not is_main_process():  # every rank holds the same adapter: rank 0 writes it
+        torch.distributed.barrier()
+        return path
+    try:
+        _write_adapter(router, path, env, base)
+    finally:
+        if world_size() > 1:
+            torch.distributed.barrier()
+    return path
+
+
+def _write_adapter(router: GradientRouter, path: Path, env: str | None, base: str) -> None:
     path.mkdir(parents=True, exist_ok=True)
     name = _model_name(router)
     cfg = lora_config(router, name)
@@ -130,7 +144,6 @@ def save_adapter(router: GradientRouter, path: str | Path, env: str | None = Non
         "plan": router.plan.to_list(),
         "adapter_norm": router.adapter_norm(env).total,
     })
-    return path
 
 
 def _base_tensors(router: GradientRouter, env: str | None) -> dict[str, torch.Tensor]:

@@ -39,12 +39,13 @@ def checkpoint_dir(args: Any, global_step: int) -> Path:
     return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{global_step}"
 
 
-def _any_rank(flag: bool) -> bool:
+def _main_decides(flag: bool) -> bool:
+    """Rank 0's decision on every rank (one backend-aware all-reduce; a no-op in one process)."""
     if world_size() == 1:
         return flag
-    t = torch.tensor([1.0 if flag else 0.0])
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    from ..distributed import all_reduce_sum, rank
+
+    return bool(all_reduce_sum([torch.tensor([1.0 if (flag and rank() == 0) else 0.0])])[0].item() > 0)
 
 
 class RouterCallback(TrainerCallback):
@@ -62,8 +63,11 @@ class RouterCallback(TrainerCallback):
         router: GradientRouter,
         monitor: DriftMonitor | None = None,
         metrics_sink: Callable[[dict[str, float]], None] | None = None,
+        allow_missing_state: bool = False,
     ):
         self.router = router
+        self.allow_missing_state = allow_missing_state
+        self.resume_from: str | None = None  # the checkpoint trainer.train() resumes from (set by attach)
         self.monitor = monitor if monitor is not None else getattr(router, "monitor", None)
         self.metrics_sink = metrics_sink
         self.last_record: StepRecord | None = None
@@ -76,14 +80,23 @@ class RouterCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self._bind(optimizer)
         if state.global_step > 0:
-            ckpt = checkpoint_dir(args, state.global_step)
+            ckpt = Path(self.resume_from) if self.resume_from else checkpoint_dir(args, state.global_step)
             if (ckpt / STATE_DIR).is_dir():
                 self.router.load_state(ckpt / STATE_DIR)
-            else:
+            elif self.allow_missing_state:
                 warnings.warn(
                     f"resuming at step {state.global_step} but {ckpt / STATE_DIR} does not exist: the "
                     "adapter starts empty here (earlier in-subspace updates stay in the base).",
                     GradrouteWarning, stacklevel=2)
+            else:
+                from ..errors import AdapterError
+
+                raise AdapterError(
+                    f"resuming at step {state.global_step} but {ckpt / STATE_DIR} does not exist, so the adapter "
+                    "and the environments' shares up to that step would be lost.",
+                    "resume from a checkpoint saved with gradroute attached, or pass allow_missing_state=True "
+                    "to start the adapter empty there.",
+                )
             if self.monitor is not None:
                 self.monitor.on_resume(state.global_step)
         self.router.snapshot()
@@ -106,7 +119,7 @@ class RouterCallback(TrainerCallback):
             stop = self.monitor.observe(record, step=step, checkpoint=ckpt)
             if self.metrics_sink is not None:
                 self.metrics_sink(self.monitor.metrics())
-        if _any_rank(stop):
+        if _main_decides(stop):  # rank 0's log and history are authoritative
             self.halted = True
             control.should_save = True
             control.should_training_stop = True

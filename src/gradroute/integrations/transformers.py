@@ -275,7 +275,7 @@ def collect_activations(
     try:
         with residual_hooks(model, layers, grab):
             starts = range(0, len(encoded), batch_size)
-            for s in tqdm(starts, desc="collecting activations", disable=not progress, leave=False):
+            for s in tqdm(starts, desc="collecting activations", disable=None if progress else True, leave=False):
                 batch = encoded[s : s + batch_size]
                 T = max(len(ids) for ids, _ in batch)
                 input_ids = torch.full((len(batch), T), pad_id, dtype=torch.long)

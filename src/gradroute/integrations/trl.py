@@ -77,7 +77,7 @@ def carry_column(trainer: Any, column: str, key: str, encode: Any) -> None:
         batch[key] = value
         return batch
 
-    trainer.data_collator = collator
+    _patch(trainer, "data_collator", collator)
 
 
 def wrap_compute_loss(trainer: Any, key: str, *, before: Any = None, after: Any = None, pop: bool = True) -> None:
@@ -99,7 +99,7 @@ def wrap_compute_loss(trainer: Any, key: str, *, before: Any = None, after: Any 
                 cleanup()
         return after(out, value, seen, kw) if after is not None else out
 
-    trainer.compute_loss = wrapped
+    _patch(trainer, "compute_loss", wrapped)
 
 
 def _insert_callback(trainer: Any, callback: Any) -> None:
@@ -115,6 +115,16 @@ def _metrics_sink(trainer: Any) -> Any:
                 trainer._metrics["train"][k].append(v)
         return sink
     return None
+
+
+def _patch(trainer: Any, name: str, new: Any) -> None:
+    """Replace ``trainer.<name>``, remembering the original so :meth:`Handle.detach` can restore it."""
+    undo = trainer.__dict__.setdefault("_gradroute_undo", [])
+    undo.append((name, trainer.__dict__.get(name, _MISSING)))
+    setattr(trainer, name, new)
+
+
+_MISSING = object()
 
 
 @dataclass
@@ -152,10 +162,15 @@ class Handle:
         return last_clean_checkpoint(self.run_dir)
 
     def detach(self) -> None:
-        """Remove gradroute's hooks and callback (the trainer keeps working untouched)."""
+        """Remove gradroute's hooks, wrappers and callbacks (the trainer is as before ``attach``)."""
         self.router.detach()
-        self.trainer.callback_handler.callbacks = [
-            c for c in self.trainer.callback_handler.callbacks if not getattr(c, "_gradroute", False)]
+        t = self.trainer
+        t.callback_handler.callbacks = [c for c in t.callback_handler.callbacks if not getattr(c, "_gradroute", False)]
+        for name, original in reversed(t.__dict__.pop("_gradroute_undo", [])):
+            if original is _MISSING:
+                t.__dict__.pop(name, None)
+            else:
+                setattr(t, name, original)
         self.monitor.close()
 
 
@@ -169,6 +184,7 @@ def attach(
     envs: Sequence[str] | None = None,
     run_dir: str | Path | None = None,
     fsync: bool = False,
+    allow_missing_state: bool = False,
     **router_kwargs: Any,
 ) -> Handle:
     """Route, attribute and monitor a ``GRPOTrainer``/``RLOOTrainer``/``SFTTrainer``/``Trainer``.
@@ -176,7 +192,8 @@ def attach(
     ``env_column`` names the dataset column with each row's environment (None: no
     per-environment attribution); ``envs`` fixes the environment list (default: the column's
     distinct values). The log goes to ``run_dir`` (default: the trainer's ``output_dir``),
-    where the checkpoints are too. Extra keyword arguments go to :class:`GradientRouter`
+    where the checkpoints are too. Resuming from a checkpoint without gradroute's state raises
+    unless ``allow_missing_state``. Extra keyword arguments go to :class:`GradientRouter`
     (``side``, ``targets``, ``embeddings``, ``spread``, ``adapter_lr_multiplier``, ...).
     """
     from .trainer import RouterCallback
@@ -209,7 +226,8 @@ def attach(
             )
         missing = sorted(set(found or []) - {str(e) for e in envs})
         if missing:
-            raise EnvColumnError(f"environments {missing} are in the data but not in envs={list(envs)}.")
+            raise EnvColumnError(f"environments {missing} are in the data but not in envs={list(envs)}.",
+                                 "add them to envs=[...] (or leave envs unset to take them from the column).")
     router = GradientRouter(trainer.model, subspace, mode=mode, envs=list(envs) if env_column else None,
                             **router_kwargs)
     run_dir = Path(run_dir if run_dir is not None else trainer.args.output_dir)
@@ -225,7 +243,8 @@ def attach(
             try:
                 return torch.tensor([index[str(r[env_column])] for r in rows], dtype=torch.long, device=device)
             except KeyError as e:
-                raise EnvColumnError(f"a row has environment {e} or lacks the column {env_column!r}.") from None
+                raise EnvColumnError(f"a row has environment {e} or lacks the column {env_column!r}.",
+                                     "give every row one of the declared environments.") from None
 
         if rl:
             gen = trainer._generate_and_score_completions
@@ -242,21 +261,41 @@ def attach(
                 if trainer.model.training:
                     w = trainer.reward_weights.to(rpf.device)
                     total = (rpf * w.unsqueeze(0)).nansum(dim=1)
+                    # TRL gathers the rewards of every process; this rank's rows are its slice
+                    from ..distributed import rank
+
+                    if total.shape[0] != len(inputs):
+                        start = rank() * len(inputs)
+                        total = total[start : start + len(inputs)]
                     attribution.record_rewards([str(r[env_column]) for r in inputs], total.tolist())
                 return rpf
 
-            trainer._generate_and_score_completions = generate_and_score
-            trainer._calculate_rewards = calculate_rewards
+            _patch(trainer, "_generate_and_score_completions", generate_and_score)
+            _patch(trainer, "_calculate_rewards", calculate_rewards)
         else:
             carry_column(trainer, env_column, ENV_KEY, lambda rows: ids_of(rows, "cpu"))
 
         def set_envs(env, inputs):
+            # kept until the step ends (not just around compute_loss): with reentrant gradient
+            # checkpointing the forward is recomputed during backward, after compute_loss returns
             attribution.set_batch(env)
-            return lambda: attribution.set_batch(None)
 
         wrap_compute_loss(trainer, ENV_KEY, before=set_envs, pop=not rl)
 
-    _insert_callback(trainer, RouterCallback(router, monitor, metrics_sink=_metrics_sink(trainer)))
+    callback = RouterCallback(router, monitor, metrics_sink=_metrics_sink(trainer), allow_missing_state=allow_missing_state)
+    _insert_callback(trainer, callback)
+    train = trainer.train
+
+    def train_with_resume_path(*a, resume_from_checkpoint=None, **kw):
+        path = resume_from_checkpoint
+        if path is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            path = get_last_checkpoint(trainer.args.output_dir)
+        callback.resume_from = str(path) if isinstance(path, str | Path) else None
+        return train(*a, resume_from_checkpoint=resume_from_checkpoint, **kw)
+
+    _patch(trainer, "train", train_with_resume_path)
     return Handle(trainer=trainer, router=router, monitor=monitor, run_dir=run_dir)
 
 
@@ -314,8 +353,17 @@ def attach_anchoring(trainer: Any, anchoring: Any, label_column: str = "concepts
     carry_column(trainer, label_column, LABEL_KEY, encode)
 
     def add_loss(out, labels, inputs, kw):
+        if not torch.is_grad_enabled() or not trainer.model.training:
+            anchoring.capture.clear()  # evaluation / prediction: no regularizer
+            return out
         mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
         reg = anchoring.loss(labels, mask=mask, step=trainer.state.global_step)
+        # Trainer.compute_loss scales the task loss by the number of processes when tokens are
+        # averaged across devices; the regularizer must be scaled alike to keep its weight
+        if getattr(trainer.args, "average_tokens_across_devices", False) and kw.get("num_items_in_batch") is not None \
+                and (getattr(trainer, "model_accepts_loss_kwargs", False) or getattr(trainer, "compute_loss_func", None)):
+            tp = trainer.get_tp_size() if hasattr(trainer, "get_tp_size") else 1
+            reg = reg * (trainer.accelerator.num_processes // max(1, tp))
         # Trainer divides the loss by the accumulation steps only when the model did not
         # normalize it over the whole accumulation window (num_items_in_batch); match it
         scaled = getattr(trainer, "loss_is_scaled_for_ga", None)
