@@ -325,25 +325,15 @@ class Attribution:
 
     # ------------------------------------------------------------------ the step
     def _resolve_pending(self, env_ids: Any | None) -> None:
-        if not self._pending and not self._pending_act and not self._pending_rows:
+        if not self._has_pending():
             return
-        if env_ids is None:
-            raise EnvColumnError(
-                "gradients were recorded without environment ids.",
-                "set them before the forward pass (attribution.batch(env_ids) / attach(..., env_column=...)) "
-                "or pass router.step(env_ids=...) with one id per row of the step's micro-batches, in order.",
-            )
+        self.check_ready(env_ids)
         ids = self._to_index(env_ids)
         by_module: dict[tuple[str, bool], list[torch.Tensor]] = defaultdict(list)
         for module, per_row, is_bias in self._pending:
             by_module[(module, is_bias)].append(per_row)
         for (module, is_bias), parts in by_module.items():
             rows = torch.cat(parts)
-            if rows.shape[0] != ids.numel():
-                raise EnvColumnError(
-                    f"router.step(env_ids=...) got {ids.numel()} ids but the step ran {rows.shape[0]} rows.",
-                    "give one id per row of every micro-batch of the step, in order.",
-                )
             env = ids.to(rows.device)
             acc = (self._Gb if is_bias else self._G)[module]
             for e in env.unique().tolist():
@@ -365,9 +355,20 @@ class Attribution:
             self._rows[e] += 1.0
         self._pending, self._pending_act, self._pending_rows = [], [], 0
 
+    def _has_pending(self) -> bool:
+        return bool(self._pending or self._pending_act or self._pending_rows)
+
+    def _pending_row_count(self) -> int:
+        """Rows run this step without environment ids (counted at the model's forward, or, for
+        calls without ``input_ids``, read off the captured per-row gradients)."""
+        if self._pending_rows:
+            return self._pending_rows
+        first = next(((m, b) for m, _, b in self._pending), None)
+        return sum(rows.shape[0] for m, rows, b in self._pending if (m, b) == first) if first else 0
+
     def check_ready(self, env_ids: Any | None) -> None:
         """Raise now (before the router changes anything) if this step cannot be attributed."""
-        if not self._pending and not self._pending_act and not self._pending_rows:
+        if not self._has_pending():
             return
         if env_ids is None:
             raise EnvColumnError(
@@ -376,9 +377,10 @@ class Attribution:
                 "or pass router.step(env_ids=...) with one id per row of the step's micro-batches, in order.",
             )
         n = len(env_ids) if not torch.is_tensor(env_ids) else env_ids.numel()
-        if self._pending_rows and n != self._pending_rows:
+        expected = self._pending_row_count()
+        if expected and n != expected:
             raise EnvColumnError(
-                f"router.step(env_ids=...) got {n} ids but the step ran {self._pending_rows} rows.",
+                f"router.step(env_ids=...) got {n} ids but the step ran {expected} rows.",
                 "give one id per row of every micro-batch of the step, in order.",
             )
         self._to_index(env_ids)  # unknown names raise here too

@@ -558,32 +558,36 @@ class GradientRouter:
                     self._envs.append(env)
 
     def _record(self, deltas, deltas_b, shares) -> StepRecord:
+        # one host transfer per step: the squared norms of every module's update and adapter
+        sq = []
+        for r in self._routes:
+            name = r.target.module
+            d = deltas[name].double().pow(2).sum()
+            a = r.adapter.double().pow(2).sum()
+            if name in deltas_b:
+                d = d + deltas_b[name].double().pow(2).sum()
+                a = a + r.adapter_b.double().pow(2).sum()
+            sq.append(torch.stack([d, a]).cpu())
+        values = torch.stack(sq).tolist()
         per_layer_upd: dict[LayerKey, float] = {}
         per_layer_norm: dict[LayerKey, float] = {}
-        nonfinite = False
         env_num: dict[str, float] = {}
-        total_sq = 0.0
-        for r in self._routes:
-            name, L = r.target.module, r.target.layer
-            d_sq = float(deltas[name].double().pow(2).sum())
-            if name in deltas_b:
-                d_sq += float(deltas_b[name].double().pow(2).sum())
-            nonfinite |= not math.isfinite(d_sq)
+        for r, (d_sq, a_sq) in zip(self._routes, values):
+            L = r.target.layer
             per_layer_upd[L] = per_layer_upd.get(L, 0.0) + d_sq
-            per_layer_norm[L] = per_layer_norm.get(L, 0.0) + r.norm_sq()
-            total_sq += d_sq
+            per_layer_norm[L] = per_layer_norm.get(L, 0.0) + a_sq
             if shares is not None:
-                for env, s in shares[name].items():
+                for env, s in shares[r.target.module].items():
                     env_num[env] = env_num.get(env, 0.0) + s * d_sq
-        env_shares = {e: (v / total_sq if total_sq > 0 else 0.0) for e, v in env_num.items()}
+        total_sq = sum(per_layer_upd.values())
         return StepRecord(
             step=self.steps,
-            update_norm=math.sqrt(sum(per_layer_upd.values())),
+            update_norm=math.sqrt(total_sq),
             update_norm_per_layer={L: math.sqrt(v) for L, v in per_layer_upd.items()},
             adapter_norm=math.sqrt(sum(per_layer_norm.values())),
             adapter_norm_per_layer={L: math.sqrt(v) for L, v in per_layer_norm.items()},
-            env_shares=env_shares,
-            nonfinite=nonfinite,
+            env_shares={e: (v / total_sq if total_sq > 0 else 0.0) for e, v in env_num.items()},
+            nonfinite=not math.isfinite(total_sq),
             deltas=deltas,
         )
 

@@ -48,15 +48,29 @@ def _is_rl(trainer: Any) -> bool:
     return hasattr(trainer, "_generate_and_score_completions") and hasattr(trainer, "_calculate_rewards")
 
 
-def _dataset_envs(dataset: Any, column: str) -> list[str] | None:
+def _refuse_packing(trainer: Any, what: str, fix: str) -> None:
+    """Per-row columns cannot survive packing / padding-free batching (rows share a sequence)."""
+    args = trainer.args
+    if getattr(args, "packing", False) or getattr(args, "padding_free", False) or getattr(trainer, "padding_free", False):
+        raise PackingError(f"packing / padding-free batching puts several rows into one sequence, so {what}.", fix)
+
+
+def _check_column(dataset: Any, column: str, error: type, fix: str) -> bool:
+    """Refuse reserved names and columns the dataset lacks; False if the dataset lists no columns."""
+    if column in RESERVED_COLUMNS:
+        raise error(f"{column!r} is reserved by TRL/transformers.", "rename the column and pass its new name.")
     names = getattr(dataset, "column_names", None)
     if names is None:
-        return None
+        return False
     if column not in names:
-        raise EnvColumnError(
-            f"the training dataset has no column {column!r} (it has {list(names)}).",
-            "add a column naming each row's environment, or pass env_column=<its name>.",
-        )
+        raise error(f"the training dataset has no column {column!r} (it has {list(names)}).", fix)
+    return True
+
+
+def _dataset_envs(dataset: Any, column: str) -> list[str] | None:
+    if not _check_column(dataset, column, EnvColumnError,
+                         "add a column naming each row's environment, or pass env_column=<its name>."):
+        return None
     return sorted({str(v) for v in dataset[column]})
 
 
@@ -200,21 +214,12 @@ def attach(
 
     rl = _is_rl(trainer)
     if env_column is not None and not rl:
-        args = trainer.args
-        if getattr(args, "packing", False) or getattr(args, "padding_free", False) or getattr(trainer, "padding_free", False):
-            raise PackingError(
-                "packing / padding-free batching puts several rows into one sequence, so per-row "
-                "environment attribution would mix environments.",
-                "set packing=False and padding_free=False in the SFTConfig (or attach with env_column=None).",
-            )
+        _refuse_packing(trainer, "per-row environment attribution would mix environments",
+                        "set packing=False and padding_free=False in the SFTConfig (or attach with env_column=None).")
     if env_column is not None:
         if not isinstance(env_column, str) or not env_column:
-            raise EnvColumnError(f"env_column must be a column name, got {env_column!r}.")
-        if env_column in RESERVED_COLUMNS:
-            raise EnvColumnError(
-                f"{env_column!r} is reserved by TRL/transformers and cannot carry environment ids.",
-                "rename the column (e.g. 'env' or 'task') and pass env_column=<new name>.",
-            )
+            raise EnvColumnError(f"env_column must be a column name, got {env_column!r}.",
+                                 "pass the name of the dataset column holding each row's environment.")
         found = _dataset_envs(trainer.train_dataset, env_column)
         if envs is None:
             envs = found
@@ -319,16 +324,11 @@ def attach_anchoring(trainer: Any, anchoring: Any, label_column: str = "concepts
     if _is_rl(trainer):
         raise LabelError("attach_anchoring is for SFT/pre-training trainers (Trainer, SFTTrainer).",
                          "use gradroute.attach for RL trainers.")
-    args = trainer.args
-    if getattr(args, "packing", False) or getattr(args, "padding_free", False) or getattr(trainer, "padding_free", False):
-        raise PackingError("packing / padding-free batching mixes rows, so per-row concept labels would leak "
-                           "across samples.", "set packing=False and padding_free=False.")
-    if label_column in RESERVED_COLUMNS:
-        raise EnvColumnError(f"{label_column!r} is reserved by TRL/transformers.", "rename the label column.")
+    _refuse_packing(trainer, "per-row concept labels would leak across samples",
+                    "set packing=False and padding_free=False.")
+    _check_column(trainer.train_dataset, label_column, LabelError,
+                  "add a column with each row's concept labels, or pass label_column=<its name>.")
     names = list(anchoring.label_names)
-    if getattr(trainer.train_dataset, "column_names", None) is not None and label_column not in trainer.train_dataset.column_names:
-        raise LabelError(f"the training dataset has no column {label_column!r} (it has {trainer.train_dataset.column_names}).",
-                         "add a column with each row's concept labels, or pass label_column=<its name>.")
 
     def encode(rows):
         out = torch.zeros(len(rows), len(names))
