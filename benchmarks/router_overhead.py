@@ -37,14 +37,19 @@ def _model(d: int, layers: int, vocab: int, seed: int = 0):
 def _state_floats(router) -> float:
     """Router state per routed module, in k·d_in float32 units (averaged over modules)."""
     units = []
-    for r in router._routes:
-        nbytes = r.ref0.numel() * r.ref0.element_size() + r.adapter.numel() * r.adapter.element_size()
-        if router.mode == "gradient":
-            st = router._adapter_opt.state.get(r.param_A, {})
+    mode = router.mode_strategy
+    opt = router.adapter_optimizer or router.optimizer
+    for r in router.routes_state:
+        b = r.blocks[0]
+        nbytes = b.ref0.numel() * b.ref0.element_size() + b.adapter.numel() * b.adapter.element_size()
+        live = mode.params.get(r.name) if hasattr(mode, "params") else None
+        for p in (live if isinstance(live, list) else [live] if live is not None else [])[:1]:
+            st = opt.state.get(p, {}) if opt is not None else {}
             nbytes += sum(v.numel() * v.element_size() for v in st.values() if torch.is_tensor(v) and v.ndim > 0)
-            if r.param_A.grad is not None:
-                nbytes += r.param_A.grad.numel() * r.param_A.grad.element_size()
-        units.append(nbytes / (4 * r.adapter.numel()))
+            nbytes += p.numel() * p.element_size() if router.mode == "activation" else 0
+            if p.grad is not None:
+                nbytes += p.grad.numel() * p.grad.element_size()
+        units.append(nbytes / (4 * b.adapter.numel()))
     return statistics.mean(units)
 
 
@@ -57,8 +62,9 @@ def measure(k: int, mode: str, *, d: int, layers: int, vocab: int, batch: int, s
     g = torch.Generator().manual_seed(1)
     sub = gr.Subspace.from_directions({L: torch.randn(k, d, generator=g) for L in range(layers)})
     opt_p = torch.optim.AdamW(plain.parameters(), lr=1e-4, weight_decay=0.01)
-    opt_r = torch.optim.AdamW(routed.parameters(), lr=1e-4, weight_decay=0.01)
-    router = gr.GradientRouter(routed, sub, mode=mode, optimizer=opt_r, precision=precision)
+    router = gr.GradientRouter(routed, sub, mode=mode, precision=precision)
+    opt_r = torch.optim.AdamW(routed.parameters(), lr=1e-4, weight_decay=0.01)  # after the router (activation adapters)
+    router.bind_optimizer(opt_r)
     batches = [torch.randint(0, vocab, (batch, seq), generator=g) for _ in range(warmup + steps)]
 
     def step(model, opt, x, route):
@@ -117,7 +123,8 @@ def main(argv=None) -> list[dict]:
     ks = [2] if a.quick else a.ks
     rows = []
     for k in ks:
-        for mode, prec in (("update", "float64"), ("update", "float32"), ("gradient", "float64")):
+        for mode, prec in (("update", "float64"), ("update", "float32"), ("gradient", "float64"),
+                           ("activation", "float64")):
             rows.append(measure(k, mode, precision=prec, **size))
     print(f"| k | mode | bookkeeping | plain step (ms) | routed step (ms) | ratio | router state (k·d_in floats/module) | route() alone (ms) | route() GFLOP/s |")
     print("|---|---|---|---|---|---|---|---|---|")

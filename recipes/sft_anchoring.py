@@ -60,7 +60,7 @@ def corpus(n: int, label_rate: float, noise_rate: float, seed: int = 0) -> list[
 
 def evaluate(model: Any, tok: Any, sub: Any, layer: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean cos(h, u) per group at ``layer``, and mean LM loss per group."""
-    from gradroute.integrations.transformers import collect_activations
+    from gradroute.model import collect_activations
 
     u = sub.basis(layer)[:, 0]
     acts = collect_activations(model, tok, [r["text"] for r in rows], [layer], aggregation="all", progress=False)

@@ -187,7 +187,7 @@ def test_interventions_on_a_transformer():
     u = sub.basis(1)[:, 0]
     x = torch.randint(3, 100, (2, 6), generator=g)
     seen = {}
-    from gradroute.integrations.transformers import residual_hooks
+    from gradroute.model import residual_hooks
 
     def grab(L, h):
         seen[L] = h.detach().clone()

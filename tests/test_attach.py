@@ -194,3 +194,60 @@ def test_env_column_errors(tmp_path):
     with pytest.raises(EnvColumnError, match=r"\['a'\] are in the data"):
         gr.attach(trainer, sub, env_column="env", envs=["b"])
     assert json.dumps(gr.HaltPolicy(max_env_share=0.9).describe())
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "peft_config"])
+def test_grpo_activation_mode_routes_monitors_and_halts(tmp_path, lora):
+    """Activation mode through attach: the adapters are model parameters that TRL's optimizer
+    trains; attribution, monitor records and halting work as in update mode; a LoRA policy
+    (GRPOTrainer(peft_config=...)) is routed through its writers' outputs."""
+    from gradroute import projection as P
+
+    kw = {}
+    if lora:
+        from peft import LoraConfig
+
+        kw["peft_config"] = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "down_proj"],
+                                       lora_dropout=0.0)
+    trainer, persona = _grpo(tmp_path, steps=12, **{k: v for k, v in kw.items() if k != "peft_config"})
+    if lora:
+        from trl import GRPOTrainer
+
+        trainer = GRPOTrainer(model=trainer.model, reward_funcs=bang_reward, args=trainer.args,
+                              train_dataset=_prompts(), processing_class=trainer.processing_class,
+                              peft_config=kw["peft_config"])
+    handle = gr.attach(trainer, persona, env_column="env", mode="activation",
+                       policy=gr.HaltPolicy(max_adapter_norm=1e9))
+    model = trainer.model
+    writers = [t.module for t in handle.router.plan if t.side == "write"]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer.train()
+    df = handle.log()
+    assert df["step"].tolist() == list(range(1, 13))
+    assert df["adapter_norm"].iloc[-1] > 0 and handle.router.adapter_norm().total > 0
+    share = handle.router.env_adapter_shares()
+    assert share["bang"] > share.get("plain", 0.0), share
+    # the base writers (or the user's LoRA B on them) stayed out of the span under TRL's AdamW
+    for n, p in model.named_parameters():
+        mod = next((w for w in writers if f"{w}." in n), None)
+        if mod is None or not p.requires_grad or p.ndim != 2 or "gradroute_adapters" in n:
+            continue
+        if lora and "lora_B" not in n:
+            continue
+        diff = (p.detach() - before[n]).double()
+        if float(diff.norm()) > 0:
+            assert P.relative_in_subspace_norm(diff, handle.router.basis(mod), 0) <= 1e-5, n
+    # discarding restores the base-only forward
+    x = torch.tensor([[5, 6, 7, 8]])
+    trained = model(input_ids=x).logits.detach()
+    handle.discard()
+    assert not torch.allclose(model(input_ids=x).logits, trained)
+    if lora:
+        return
+    # a halt rule fires in activation mode too
+    trainer2, persona2 = _grpo(tmp_path / "halt", steps=12)
+    threshold = df["adapter_norm"].iloc[5]
+    h2 = gr.attach(trainer2, persona2, env_column="env", mode="activation",
+                   policy=gr.HaltPolicy(max_adapter_norm=float(threshold) * 0.999))
+    trainer2.train()
+    assert h2.halted is not None and h2.halted["rule"] == "max_adapter_norm" and h2.halted["step"] <= 12

@@ -8,7 +8,7 @@ import torch
 import gradroute as gr
 from gradroute import projection as P
 from gradroute.errors import ConfigError, EnvColumnError
-from gradroute.integrations.transformers import residual_hooks
+from gradroute.model import residual_hooks
 from gradroute.testing import tiny_lm
 
 LAYER = 1
@@ -64,7 +64,7 @@ def test_subspace_env_gets_everything_orthogonal_env_nothing(arch, optim, mode):
             a = rec.attribution
             # the orthogonal environment's in-subspace gradient is exactly zero (to round-off)
             assert a.grad_norm.get("orth", 0.0) <= 1e-6 * a.grad_norm["sub"]
-            assert rec.env_shares["sub"] == pytest.approx(1.0, abs=1e-6)
+            assert rec.env_share["sub"] == pytest.approx(1.0, abs=1e-6)
             assert a.samples == {"sub": 2.0, "orth": 2.0}
     shares = router.env_adapter_shares()
     assert shares["sub"] == pytest.approx(1.0, abs=1e-6)
@@ -85,7 +85,7 @@ def test_shares_sum_to_one_and_adapters_sum_to_total():
         for module in router.plan.modules:
             s = sum(w.get(module, 0.0) for w in rec.attribution.env_weights.values())
             assert s == pytest.approx(1.0, abs=1e-9)
-        assert sum(rec.env_shares.values()) == pytest.approx(1.0, abs=1e-9)
+        assert sum(rec.env_share.values()) == pytest.approx(1.0, abs=1e-9)
     for m in router.plan.modules:
         total = router.adapter_coords(m)
         assert torch.allclose(sum(router.adapter_coords(m, e) for e in router.envs), total, atol=1e-9)
@@ -142,7 +142,7 @@ def test_env_ids_at_step_time_and_generation_passes_are_ignored():
     opt2.step()
     early = router2.step()
     for e in ("a", "b"):
-        assert late.env_shares[e] == pytest.approx(early.env_shares[e], abs=1e-5)  # summation order
+        assert late.env_share[e] == pytest.approx(early.env_share[e], abs=1e-5)  # summation order
         assert late.attribution.samples[e] == 2.0
 
 

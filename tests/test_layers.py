@@ -7,7 +7,7 @@ import torch
 
 from gradroute import layers as LY
 from gradroute.errors import SAEError, UnknownLayerError
-from gradroute.integrations.transformers import (
+from gradroute.model import (
     collect_activations,
     decoder_layers,
     decoder_layers_path,

@@ -9,7 +9,7 @@ import torch
 
 import gradroute as gr
 from gradroute.errors import ProbeDataError
-from gradroute.integrations.transformers import add_residual_hook, decoder_layers
+from gradroute.model import add_residual_hook, decoder_layers
 from gradroute.testing import tiny_lm
 
 PLANT_LAYER = 1

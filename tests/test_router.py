@@ -125,7 +125,7 @@ def test_gradient_mode_keeps_base_out_of_the_subspace(arch, optim):
     assert max(res.values()) <= 1e-5, res
     assert router.adapter_norm().total > 0
     # the adapter optimizer follows the main LR times the multiplier
-    assert router._adapter_opt.param_groups[0]["lr"] == pytest.approx(opt.param_groups[0]["lr"] * 2.0)
+    assert router.adapter_optimizer.param_groups[0]["lr"] == pytest.approx(opt.param_groups[0]["lr"] * 2.0)
 
 
 @pytest.mark.parametrize("optim", ["sgd", "adamw"])
@@ -146,7 +146,7 @@ def test_gradient_mode_adapter_absorbs_learning_that_lives_only_in_the_subspace(
            else torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.1))
     router = gr.GradientRouter(model, sub, mode="gradient", optimizer=opt, targets=[writer], adapter_lr=0.5)
     W0 = _initial_weights(model, router)
-    from gradroute.integrations.transformers import residual_hooks
+    from gradroute.model import residual_hooks
 
     captured = {}
     target = torch.tensor([3.0, -2.0])
@@ -223,11 +223,11 @@ def test_step_records_and_per_module_shares():
     rec = _train(model, opt, _batches(1), router, envs=lambda i: per_module)[0]
     assert rec.step == 1 and rec.update_norm > 0 and rec.adapter_norm == pytest.approx(rec.update_norm)
     assert set(rec.update_norm_per_layer) == {1, 2}
-    assert sum(rec.env_shares.values()) == pytest.approx(1.0)
+    assert sum(rec.env_share.values()) == pytest.approx(1.0)
     with pytest.raises(ConfigError, match="sum to"):
-        router._parse_env_weights({"a": 0.5, "b": 0.4})
+        router.env_split.parse({"a": 0.5, "b": 0.4})
     with pytest.raises(ConfigError, match="mixes"):
-        router._parse_env_weights({"a": 0.5, "b": {mods[0]: 0.5}})
+        router.env_split.parse({"a": 0.5, "b": {mods[0]: 0.5}})
 
 
 def test_no_double_counting():
@@ -284,7 +284,7 @@ def test_state_roundtrip_and_from_state(tmp_path):
     for m in router.plan.modules:
         assert torch.equal(twin.adapter_coords(m), router.adapter_coords(m))
         assert torch.equal(twin.adapter_coords(m, "x"), router.adapter_coords(m, "x"))
-    assert twin._adapter_opt.state_dict()["state"].keys() == router._adapter_opt.state_dict()["state"].keys()
+    assert twin.adapter_optimizer.state_dict()["state"].keys() == router.adapter_optimizer.state_dict()["state"].keys()
     other = gr.GradientRouter(model, _subspace(seed=1))
     with pytest.raises(AdapterError, match="another routing plan or subspace"):
         other.load_state(tmp_path / "state")

@@ -48,21 +48,22 @@ import torch
 
 from . import projection as P
 from .distributed import all_reduce_sum, world_size
-from .errors import ConfigError, EnvColumnError
+from .errors import EnvColumnError, PackingError
 from .layers import LayerKey
+from .model import add_residual_hook, weight_module
+from .router.envs import UNATTRIBUTED, Environments
 
 if TYPE_CHECKING:
-    from .router import GradientRouter, _Route
+    from .router.route import Route
 
-UNATTRIBUTED = "_unattributed"
+__all__ = ["UNATTRIBUTED", "Attribution", "AttributionStep"]
 
 
 @dataclass
 class AttributionStep:
     """Per-environment figures for one optimizer step."""
 
-    env_weights: dict[str, dict[str, float]]            # {env: {module: share}} for the router
-    env_share: dict[str, float]                         # share of the step's ‖ΔA‖² per env
+    env_weights: dict[str, dict[str, float]]            # {env: {module: share}}: router.step's env_weights
     grad_norm: dict[str, float]                         # ‖G_e‖ (in-subspace gradient)
     samples: dict[str, float]
     activation: dict[str, dict[LayerKey, list[float]]]  # mean Uᵀh per env and layer
@@ -80,18 +81,25 @@ class Attribution:
 
     def __init__(
         self,
-        router: GradientRouter,
-        envs: Sequence[str] | None = None,
+        model: torch.nn.Module,
+        routes: Sequence[Route],
+        environments: Environments,
+        probes: dict[LayerKey, torch.Tensor],
+        betas: Any,
         *,
+        capture: bool = True,
         activations: bool = True,
-        betas: tuple[float, float] | None = None,
         eps: float = 1e-8,
     ):
-        self.router = router
-        self.vocab: list[str] = [str(e) for e in envs] if envs is not None else []
-        self.fixed_vocab = envs is not None
-        if len(set(self.vocab)) != len(self.vocab):
-            raise ConfigError(f"duplicate environment names in {self.vocab}.")
+        """``routes``: the router's routes; ``environments``: the router's environment list;
+        ``probes``: the bases whose activation projections are recorded per layer; ``betas``:
+        ``(β1, β2)`` of the optimizer that makes the adapter's update, or a callable returning
+        them (β2 None: no preconditioner); ``capture=False``: the routing mode calls
+        :meth:`capture` itself."""
+        self.model = model
+        self.routes = list(routes)
+        self.environments = environments
+        self.probes = dict(probes)
         self.betas = betas
         self.eps = eps
         self._ctx: torch.Tensor | None = None
@@ -109,23 +117,19 @@ class Attribution:
         self._v: dict[str, torch.Tensor] = {}
         self._t = 0
         self._handles: list[Any] = []
-        self._install(activations)
+        self._install(capture, activations)
 
     # ------------------------------------------------------------------ environments
+    @property
+    def vocab(self) -> list[str]:
+        return self.environments.names
+
+    @property
+    def fixed_vocab(self) -> bool:
+        return self.environments.fixed
+
     def env_index(self, name: Any) -> int:
-        name = str(name)
-        try:
-            return self.vocab.index(name)
-        except ValueError:
-            if self.fixed_vocab:
-                raise EnvColumnError(
-                    f"environment {name!r} is not among the declared environments {self.vocab}.",
-                    "declare every environment (envs=[...]) or leave envs unset to learn them as they come.",
-                ) from None
-            if name == UNATTRIBUTED:
-                raise EnvColumnError(f"{UNATTRIBUTED!r} is reserved.", "rename that environment.") from None
-            self.vocab.append(name)
-            return len(self.vocab) - 1
+        return self.environments.index(name)
 
     def _to_index(self, env_ids: Any) -> torch.Tensor:
         if torch.is_tensor(env_ids):
@@ -166,25 +170,19 @@ class Attribution:
             acc[1] += 1.0
 
     # ------------------------------------------------------------------ hooks
-    def _install(self, activations: bool) -> None:
-        from .integrations.transformers import unwrap_model
-        from .plan import weight_module
-
-        model = unwrap_model(self.router.model)
-        modules = dict(model.named_modules())
-        for r in self.router._routes:
-            mod = weight_module(modules[r.target.module])
-            self._handles.append(mod.register_forward_hook(self._forward_hook(r)))
-        self._handles.append(model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True))
+    def _install(self, capture: bool, activations: bool) -> None:
+        modules = dict(self.model.named_modules())
+        if capture:
+            for r in self.routes:
+                self._handles.append(weight_module(modules[r.name]).register_forward_hook(
+                    lambda m, a, out, r=r: self.capture(r, a[0] if a else None, out, m)))
+        self._handles.append(self.model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True))
         if activations:
-            for L in self.router.plan.layers:
-                U = self.router.subspace.basis(L)
+            for L, U in self.probes.items():
+                hook = self._activation_hook(U)
                 if isinstance(L, int):
-                    from .integrations.transformers import add_residual_hook
-
-                    self._handles.append(add_residual_hook(model, L, self._activation_hook(U)))
+                    self._handles.append(add_residual_hook(self.model, L, hook))
                 else:
-                    hook = self._activation_hook(U)
                     self._handles.append(modules[L].register_forward_hook(
                         lambda m, a, out, L=L, hook=hook: hook(L, out if torch.is_tensor(out) else out[0])))
 
@@ -217,21 +215,21 @@ class Attribution:
                 self._pending_rows += B
         return None
 
-    def _forward_hook(self, route: _Route):
-        def hook(module, args, output):
-            if not (self._active(module) and torch.is_tensor(output) and output.requires_grad):
-                return
-            x = args[0].detach() if args else None
-            env = self._ctx
-            if x is None:
-                return
-            output.register_hook(lambda g: self._backward(route, x, g.detach(), env))
-        return hook
+    def capture(self, route: Route, x: Any, output: Any, module: torch.nn.Module) -> None:
+        """Record, in the backward pass, the in-subspace gradient of ``route`` that flows through
+        ``output`` (computed from input ``x``), by environment."""
+        if not (self._active(module) and torch.is_tensor(output) and output.requires_grad) or x is None:
+            return
+        x = x.detach()
+        env = self._ctx
+        output.register_hook(lambda g: self._backward(route, x, g.detach(), env))
 
     @torch.no_grad()
-    def _backward(self, route: _Route, x: torch.Tensor, g: torch.Tensor, env: torch.Tensor | None) -> None:
+    def _backward(self, route: Route, x: torch.Tensor, g: torch.Tensor, env: torch.Tensor | None) -> None:
         t = route.target
-        U = route._basis32()
+        orient = t.orientation
+        has_bias = len(route.blocks) > 1
+        U = route.basis32()
         B = g.shape[0] if g.ndim >= 2 else 1
         if t.side == "read":
             r = P.coords(x, U)                          # Vᵀ x_t
@@ -242,33 +240,18 @@ class Attribution:
         k = r.shape[-1]
         r = r.reshape(B, -1, k)
         T = r.shape[1]
-        first_is_r = (t.kind, t.side) in (("linear", "write"), ("conv1d", "read"))
         if t.side == "embed":
             o = o.reshape(B, T)
         else:
             o = o.reshape(B, T, o.shape[-1])
-
-        def contract(rr: torch.Tensor, oo: torch.Tensor) -> torch.Tensor:
-            """Σ over tokens, oriented like the adapter's coordinates (rr: N x k)."""
-            if t.side == "embed":
-                out = torch.zeros(t.weight_shape[0], k, dtype=rr.dtype, device=rr.device)
-                return out.index_add_(0, oo.reshape(-1), rr)
-            return rr.T @ oo if first_is_r else oo.T @ rr
+        rows_e = t.weight_shape[0]
 
         if env is None:  # environments come later, with router.step(env_ids=...)
-            if t.side == "embed":
-                per_row = torch.stack([contract(r[b], o[b]) for b in range(B)])
-            elif first_is_r:
-                per_row = torch.einsum("btk,btm->bkm", r, o)
-            else:
-                per_row = torch.einsum("btm,btk->bmk", o, r)
-            self._pending.append((t.module, per_row, False))
-            if route.bias is not None:
+            self._pending.append((t.module, orient.contract_rows(r, o, rows_e), False))
+            if has_bias:
                 self._pending.append((t.module, r.sum(1), True))
             return
         if env.numel() != B:
-            from .errors import PackingError
-
             raise PackingError(
                 f"{env.numel()} environment ids for a batch of {B} rows at {t.module!r}: rows were packed or "
                 "reshaped, so tokens cannot be matched to environments.",
@@ -283,10 +266,10 @@ class Attribution:
                 rows = env == e
                 rr, oo = r[rows].reshape(-1, k), o[rows]
             oo = oo.reshape(-1) if t.side == "embed" else oo.reshape(-1, oo.shape[-1])
-            G = contract(rr, oo)
+            G = orient.contract(rr, oo, rows_e)
             acc = self._G[t.module]
             acc[e] = acc[e] + G if e in acc else G
-            if route.bias is not None:
+            if has_bias:
                 gb = rr.sum(0)
                 accb = self._Gb[t.module]
                 accb[e] = accb[e] + gb if e in accb else gb
@@ -295,7 +278,7 @@ class Attribution:
         per_device = {U.device: U.to(torch.float32)}
 
         def hook(layer: LayerKey, h: torch.Tensor) -> None:
-            if not torch.is_grad_enabled() or not self.router.model.training:
+            if not torch.is_grad_enabled() or not self.model.training:
                 return None
             with torch.no_grad():
                 if h.device not in per_device:
@@ -387,16 +370,7 @@ class Attribution:
 
     def _optimizer_betas(self) -> tuple[float, float | None]:
         """(β1, β2) of the optimizer that makes the adapter's update; β2 None = no preconditioner."""
-        if self.betas is not None:
-            return self.betas
-        opt = self.router._adapter_opt if self.router.mode == "gradient" else self.router._optimizer
-        if opt is None:
-            return 0.0, None
-        group = opt.param_groups[0]
-        if "betas" in group:
-            b1, b2 = group["betas"]
-            return float(b1), float(b2)
-        return float(group.get("momentum", 0.0)), None
+        return self.betas() if callable(self.betas) else (self.betas if self.betas is not None else (0.0, None))
 
     def reset_step(self) -> None:
         """Forget what was captured for a step the optimizer skipped."""
@@ -418,21 +392,21 @@ class Attribution:
         n = len(self.vocab)
         tensors: list[torch.Tensor] = []
         layout: list[tuple[str, Any, Any, tuple[int, ...]]] = []
-        for r in self.router._routes:
+        for r in self.routes:
             shape = r.target.adapter_shape
             for e in range(n):
                 tensors.append(self._G[r.target.module].get(e, torch.zeros(shape, device=r.weight.device)))
                 layout.append(("G", r.target.module, e, shape))
-                if r.bias is not None:
+                if len(r.blocks) > 1:
                     tensors.append(self._Gb[r.target.module].get(e, torch.zeros(r.target.rank, device=r.weight.device)))
                     layout.append(("Gb", r.target.module, e, ()))
-        for L in self.router.plan.layers:
-            k = self.router.subspace.rank(L)
+        for L, U in self.probes.items():
+            k = U.shape[1]
             for e in range(n):
                 tensors.append(self._act[L].get(e, torch.zeros(k)))
                 layout.append(("act", L, e, ()))
         counts = torch.tensor([self._rows.get(e, 0.0) for e in range(n)]
-                              + [self._act_tokens[L].get(e, 0.0) for L in self.router.plan.layers for e in range(n)]
+                              + [self._act_tokens[L].get(e, 0.0) for L in self.probes for e in range(n)]
                               + [v for e in range(n) for v in self._rewards.get(e, [0.0, 0.0])], dtype=torch.float64)
         out = all_reduce_sum(tensors + [counts])
         for (kind, key, e, _), t in zip(layout, out[:-1]):
@@ -445,27 +419,25 @@ class Attribution:
         c = out[-1].tolist()
         self._rows = defaultdict(float, {e: c[e] for e in range(n)})
         i = n
-        for L in self.router.plan.layers:
+        for L in self.probes:
             self._act_tokens[L] = {e: c[i + e] for e in range(n)}
             i += n
         self._rewards = defaultdict(lambda: [0.0, 0.0], {e: [c[i + 2 * e], c[i + 2 * e + 1]] for e in range(n)})
 
     @torch.no_grad()
-    def shares(self, deltas: dict[str, torch.Tensor], deltas_b: dict[str, torch.Tensor],
-               env_ids: Any | None = None) -> AttributionStep:
-        """Per-module environment shares of the step's update ``deltas`` (see the module docstring)."""
+    def shares(self, deltas: dict[str, list[torch.Tensor]], env_ids: Any | None = None) -> AttributionStep:
+        """Per-module environment shares of the step's update ``deltas`` (ΔA per module and
+        coordinate block; see the module docstring)."""
         self._resolve_pending(env_ids)
         self._gather()
         b1, b2 = self._optimizer_betas()
         self._t += 1
         env_weights: dict[str, dict[str, float]] = defaultdict(dict)
-        env_energy: dict[str, float] = defaultdict(float)
         grad_sq: dict[str, float] = defaultdict(float)
-        total_energy = 0.0
-        for r in self.router._routes:
+        for r in self.routes:
             name = r.target.module
-            dA = deltas[name].double()
-            dAb = deltas_b.get(name)
+            dA = deltas[name][0].double()
+            dAb = deltas[name][1] if len(deltas[name]) > 1 else None
             envs = sorted(set(self._G[name]) | set(self._m[name]))
             p: dict[int, torch.Tensor] = {}
             G_tot = None
@@ -511,23 +483,16 @@ class Attribution:
                 raw = {e: float(p[e] @ Ptot) / nn_ for e in envs}
             else:
                 continue
-            energy = float(flat_dA @ flat_dA)
-            total_energy += energy
             for e, s in raw.items():
                 if s != 0.0:
                     env_weights[self.vocab[e]][name] = s
-                    env_energy[self.vocab[e]] += s * energy
         # modules no environment touched: their update is unattributed
-        for r in self.router._routes:
+        for r in self.routes:
             name = r.target.module
             if not any(name in w for w in env_weights.values()):
                 env_weights[UNATTRIBUTED][name] = 1.0
-                e_ = float(deltas[name].double().pow(2).sum())
-                env_energy[UNATTRIBUTED] += e_
-                total_energy += e_
         step = AttributionStep(
             env_weights=dict(env_weights),
-            env_share={e: (v / total_energy if total_energy > 0 else 0.0) for e, v in env_energy.items()},
             grad_norm={e: math.sqrt(v) for e, v in grad_sq.items()},
             samples={self.vocab[e]: c for e, c in self._rows.items() if c > 0},
             activation={}, activation_norm={},
@@ -563,7 +528,7 @@ class Attribution:
             if e not in self.vocab:
                 self.env_index(e)
         remap = {i: self.vocab.index(e) for i, e in enumerate(saved)}
-        devices = {r.target.module: r.weight.device for r in self.router._routes}
+        devices = {r.target.module: r.weight.device for r in self.routes}
         self._m = defaultdict(dict)
         self._v = {}
         for key, t in tensors.items():

@@ -83,8 +83,8 @@ def pretrain(cfg: DemoConfig, seed: int = 0, progress: bool = True):
 
 
 def _rl(base_dir: Path, out: Path, cfg: DemoConfig, subspace, policy, seed: int, exploitable=EXPLOITABLE,
-        fixed=(), resume: str | None = None, save: bool = True):
-    """One GRPO run from the pre-trained model (optionally routed); returns (model, tok, handle)."""
+        fixed=(), resume: str | None = None, save: bool = True, mode: str = "update", **router_kw: Any):
+    """One GRPO run from the pre-trained model (optionally routed in ``mode``); returns (model, tok, handle)."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
@@ -103,7 +103,8 @@ def _rl(base_dir: Path, out: Path, cfg: DemoConfig, subspace, policy, seed: int,
                       save_strategy="steps" if save else "no", save_steps=cfg.save_steps)
     trainer = GRPOTrainer(model=model, reward_funcs=tw.make_reward(exploitable, fixed), args=args, train_dataset=ds,
                           processing_class=tok)
-    handle = attach(trainer, subspace, env_column="env", policy=policy) if subspace is not None else None
+    handle = (attach(trainer, subspace, env_column="env", policy=policy, mode=mode, **router_kw)
+              if subspace is not None else None)
     trainer.train(resume_from_checkpoint=resume)
     return model, tok, handle
 

@@ -35,7 +35,7 @@ from .subspace import Subspace
 
 @contextmanager
 def _on_activation(model: nn.Module, layer: LayerKey, fn) -> Iterator[None]:
-    from .integrations.transformers import add_residual_hook, block_hidden, replace_hidden, unwrap_model
+    from .model import add_residual_hook, block_hidden, replace_hidden, unwrap_model
 
     base = unwrap_model(model)
     if isinstance(layer, int):
@@ -88,8 +88,8 @@ def ablate(model: nn.Module, subspace: Subspace, layer: LayerKey, directions: Se
 
     ``writers``/``readers`` name modules; for an integer ``layer`` they default to the residual
     writers of block ``layer`` and the readers of block ``layer + 1``."""
-    from .integrations.transformers import block_io_modules, unwrap_model
-    from .plan import module_kind, residual_axis, weight_module
+    from .model import block_io_modules, module_kind, unwrap_model, weight_module
+    from .orientation import orientation
 
     base = unwrap_model(model)
     U = subspace.select(layer, directions)
@@ -110,7 +110,7 @@ def ablate(model: nn.Module, subspace: Subspace, layer: LayerKey, directions: Se
                     if kind is None:
                         raise ConfigError(f"{name!r} is not a Linear/Conv1D/Embedding module of the model.")
                     wm = weight_module(mod)
-                    axis = residual_axis(kind, "write" if kind == "embedding" else side)
+                    axis = orientation(kind, side).axis
                     params = [(wm.weight, axis)]
                     if side == "write" and getattr(wm, "bias", None) is not None:
                         params.append((wm.bias, 0))

@@ -191,7 +191,7 @@ class DriftMonitor:
             if not any(r.get("type") == "header" for r in self._existing()):
                 self._log.write(self._header())
         if attach:
-            router.monitor = self
+            router.subscribe(self)
 
     def _existing(self) -> list[dict[str, Any]]:
         try:
@@ -232,20 +232,19 @@ class DriftMonitor:
             "update_norm_per_layer": {str(k): v for k, v in rec.update_norm_per_layer.items()},
             "nonfinite": rec.nonfinite,
         }
-        if self.router.envs:
-            out["env_adapter_share"] = self.router.env_adapter_shares()
-            out["env_adapter_norm"] = {e: self.router.adapter_norm(e).total for e in self.router.envs}
+        if rec.env_adapter_share:
+            out["env_adapter_share"] = rec.env_adapter_share
+            out["env_adapter_norm"] = rec.env_adapter_norm
+        if rec.env_share:
+            out["env_share"] = rec.env_share
         a = rec.attribution
         if a is not None:
-            out["env_share"] = a.env_share
             out["grad_norm"] = a.grad_norm
             out["samples"] = a.samples
             out["activation"] = {e: {str(L): v for L, v in d.items()} for e, d in a.activation.items()}
             out["activation_norm"] = {e: {str(L): v for L, v in d.items()} for e, d in a.activation_norm.items()}
             if a.reward:
                 out["reward"] = a.reward
-        elif rec.env_shares:
-            out["env_share"] = rec.env_shares
         return out
 
     def observe(self, rec: StepRecord, step: int | None = None, checkpoint: str | None = None) -> bool:

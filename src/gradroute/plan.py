@@ -40,54 +40,11 @@ from .errors import (
     UnsupportedModuleError,
 )
 from .layers import EMBEDDINGS, LayerKey, reader_layer, writer_layer
+from .model import io_dims, module_kind, weight_module  # noqa: F401  (re-exported)
+from .orientation import Orientation, orientation, residual_axis  # noqa: F401  (re-exported)
 from .subspace import Subspace
 
 SIDES = ("write", "read", "both")
-
-
-def module_kind(module: nn.Module) -> str | None:
-    """"linear", "conv1d" (transformers' transposed Conv1D), "embedding", or None."""
-    base = getattr(module, "base_layer", None)  # a PEFT-wrapped layer
-    if isinstance(base, nn.Module):
-        module = base
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if isinstance(module, nn.Embedding):
-        return "embedding"
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None:
-        return "conv1d"
-    return None
-
-
-def weight_module(module: nn.Module) -> nn.Module:
-    """The module holding the weight (PEFT's ``base_layer`` for a wrapped layer)."""
-    base = getattr(module, "base_layer", None)
-    return base if isinstance(base, nn.Module) else module
-
-
-def io_dims(module: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a Linear, Conv1D or Embedding (vocab, d)."""
-    kind = module_kind(module)
-    w = weight_module(module).weight
-    if kind == "linear":
-        return w.shape[1], w.shape[0]
-    if kind == "conv1d":
-        return w.shape[0], w.shape[1]
-    if kind == "embedding":
-        return w.shape[0], w.shape[1]
-    raise UnsupportedModuleError(f"{type(module).__name__} is not a Linear, Conv1D or Embedding.",
-                                 "route the Linear/Conv1D/Embedding layers inside it instead.")
-
-
-def residual_axis(kind: str, side: str) -> int:
-    """Axis of the weight tensor that indexes the residual stream (see the module table)."""
-    if kind == "embedding":
-        return 1
-    if kind == "linear":
-        return 0 if side == "write" else 1
-    if kind == "conv1d":
-        return 1 if side == "write" else 0
-    raise UnsupportedModuleError(f"unsupported module kind {kind!r}.", "use linear, conv1d or embedding.")
 
 
 @dataclass(frozen=True)
@@ -105,11 +62,14 @@ class RouteTarget:
     bias: bool = False
 
     @property
+    def orientation(self) -> Orientation:
+        """How this module's weight meets the residual stream (axes, LoRA layout, contraction)."""
+        return orientation(self.kind, self.side)
+
+    @property
     def adapter_shape(self) -> tuple[int, int]:
         """Shape of the adapter's coordinates: the weight shape with ``axis`` set to the rank."""
-        s = list(self.weight_shape)
-        s[self.axis] = self.rank
-        return (s[0], s[1])
+        return self.orientation.adapter_shape(self.weight_shape, self.rank)
 
     @property
     def adapter_params(self) -> int:
@@ -208,7 +168,7 @@ def build_plan(
 
     - ``targets=None``: the residual writers (``side="write"``), readers (``"read"``) or both of
       every block that has a basis, found from the model's dataflow (see
-      :func:`gradroute.integrations.transformers.block_io_modules`); for string layer keys, the
+      :func:`gradroute.model.block_io_modules`); for string layer keys, the
       module of that name is the writer.
     - ``targets=[names or globs]``: those modules; the side comes from ``side`` (``"both"``:
       from the dataflow), the layer from the block that contains them.
@@ -216,7 +176,7 @@ def build_plan(
     - ``embeddings=True`` also routes the input embedding with layer −1's basis.
     - ``route_bias``: route writers' biases too (default: when every writer has one).
     """
-    from .integrations.transformers import unwrap_model
+    from .model import unwrap_model
 
     if side not in SIDES:
         raise ConfigError(f"side must be one of {SIDES}, got {side!r}.")
@@ -232,7 +192,7 @@ def build_plan(
 
     block_info = None
     if int_layers or (targets is not None and not isinstance(targets, Mapping)):
-        from .integrations.transformers import block_io_modules, decoder_layers_path
+        from .model import block_io_modules, decoder_layers_path
 
         try:
             block_info = block_io_modules(model)
@@ -357,7 +317,7 @@ def build_plan(
             s = "embed"
         elif s == "embed":
             raise ConfigError(f"{name!r} is a {kind}, not an embedding.")
-        axis = residual_axis(kind, "write" if s == "embed" else s)
+        axis = orientation(kind, s).axis
         W = weight_module(mod).weight
         d = subspace.dim(layer)
         if W.shape[axis] != d:

@@ -182,7 +182,7 @@ class Subspace:
         if not per_layer:
             raise SubspaceError("no layers given.")
         if model is not None and hidden_size is None:
-            from .integrations.transformers import model_hidden_size
+            from .model import model_hidden_size
 
             hidden_size = model_hidden_size(model)
         bases, dirs, nms = {}, {}, {}
@@ -212,11 +212,11 @@ class Subspace:
             dirs[key] = D.to(torch.float32)[rep.kept]
             nms[key] = [nm[i] for i in rep.kept]
         if model is not None and provenance is not None and provenance.model is None:
-            from .integrations.transformers import model_name
+            from .model import model_name
 
             provenance = replace(provenance, model=model_name(model))
         elif model is not None and provenance is None:
-            from .integrations.transformers import model_name
+            from .model import model_name
 
             provenance = Provenance(model=model_name(model))
         sub = cls(bases, dirs, nms, provenance)
@@ -273,7 +273,7 @@ class Subspace:
         Activations are read at ``layers`` with hooks (gradroute's layer convention).
         """
         from . import probe as _probe
-        from .integrations.transformers import collect_activations, model_name, num_layers
+        from .model import collect_activations, model_name, num_layers
 
         if texts is not None:
             if positive is not None or negative is not None:
@@ -336,7 +336,7 @@ class Subspace:
 
         info = sae_directions(sae, latents, layer=layer)
         if model is not None:
-            from .integrations.transformers import model_hidden_size
+            from .model import model_hidden_size
 
             d = model_hidden_size(model)
             if info["d_in"] != d:
@@ -632,7 +632,7 @@ class Subspace:
         Integer layers are checked against the model's decoder blocks and hidden size; string
         keys must name modules of the model.
         """
-        from .integrations.transformers import model_hidden_size, num_layers
+        from .model import model_hidden_size, num_layers
         from .layers import check_layer
 
         int_layers = [L for L in self.layers if isinstance(L, int)]

@@ -21,7 +21,7 @@ from ..layers import LayerKey
 
 class Capture:
     def __init__(self, model: nn.Module, keys: Iterable[LayerKey], *, grad_only: bool = True):
-        from ..integrations.transformers import add_residual_hook, block_hidden, unwrap_model
+        from ..model import add_residual_hook, block_hidden, unwrap_model
 
         self.model = model
         self.keys = list(dict.fromkeys(keys))

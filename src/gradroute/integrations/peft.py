@@ -65,18 +65,8 @@ def adapter_tensors(router: GradientRouter, env: str | None = None) -> dict[str,
         C = router.adapter_coords(t.module, env).float().cpu()
         U = router.basis(t.module).float().cpu()
         key = f"base_model.model.{t.module}"
-        if t.side == "embed":
-            out[f"{key}.lora_embedding_A"] = C.T.contiguous()
-            out[f"{key}.lora_embedding_B"] = U.contiguous()
-            continue
-        if t.side == "write":
-            A = C if t.kind == "linear" else C.T
-            B = U
-        else:  # read
-            A = U.T
-            B = C if t.kind == "linear" else C.T
-        out[f"{key}.lora_A.weight"] = A.contiguous()
-        out[f"{key}.lora_B.weight"] = B.contiguous()
+        for suffix, tensor in t.orientation.lora_tensors(C, U).items():
+            out[f"{key}.{suffix}"] = tensor
         if t.bias:
             cb = router.adapter_bias_coords(t.module, env)
             out[f"{key}.lora_B.bias"] = (U @ cb.float().cpu()).contiguous()
@@ -84,7 +74,7 @@ def adapter_tensors(router: GradientRouter, env: str | None = None) -> dict[str,
 
 
 def _model_name(router: GradientRouter) -> str | None:
-    from .transformers import model_name, unwrap_model
+    from ..model import model_name, unwrap_model
 
     return model_name(unwrap_model(router.model))
 
@@ -125,7 +115,7 @@ def _write_adapter(router: GradientRouter, path: Path, env: str | None, base: st
         if base == "modules":
             _io.save_tensors(path / ROUTED_BASE, weights)
         else:
-            from .transformers import unwrap_model
+            from ..model import unwrap_model
 
             model = unwrap_model(router.model)
             sd = {k: v for k, v in model.state_dict().items()}
@@ -152,7 +142,7 @@ def _base_tensors(router: GradientRouter, env: str | None) -> dict[str, torch.Te
     for t in router.plan:
         r = router._route(t.module)
         out[f"{t.module}.weight"] = router.base_weight(t.module, env).to(r.weight.dtype).cpu()
-        if t.bias:
+        if t.bias and r.bias is not None:
             out[f"{t.module}.bias"] = router.base_bias(t.module, env).to(r.bias.dtype).cpu()
     return out
 
@@ -160,7 +150,7 @@ def _base_tensors(router: GradientRouter, env: str | None) -> dict[str, torch.Te
 @torch.no_grad()
 def load_routed_base(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
     """Copy ``routed_base.safetensors`` from an adapter directory into ``model`` (in place)."""
-    from .transformers import unwrap_model
+    from ..model import unwrap_model
 
     path = Path(path)
     file = path / ROUTED_BASE if path.is_dir() else path

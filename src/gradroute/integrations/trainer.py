@@ -68,7 +68,11 @@ class RouterCallback(TrainerCallback):
         self.router = router
         self.allow_missing_state = allow_missing_state
         self.resume_from: str | None = None  # the checkpoint trainer.train() resumes from (set by attach)
-        self.monitor = monitor if monitor is not None else getattr(router, "monitor", None)
+        if monitor is None:  # a DriftMonitor subscribed to the router
+            from ..monitor import DriftMonitor
+
+            monitor = next((o for o in router.observers if isinstance(o, DriftMonitor)), None)
+        self.monitor = monitor
         self.metrics_sink = metrics_sink
         self.last_record: StepRecord | None = None
         self.halted = False

@@ -1,0 +1,521 @@
+"""``GradientRouter``: route what training puts into a persona subspace into an adapter.
+
+The router composes small parts, each with one job:
+
+- :mod:`~gradroute.router.route` — per-module state (basis, coordinate blocks);
+- :mod:`~gradroute.router.modes` — one strategy per mode (``update``, ``gradient``,
+  ``activation``): how the in-subspace part of a step reaches the adapter;
+- :mod:`~gradroute.router.envs` — the environment list and the per-environment split;
+- :mod:`~gradroute.router.state` — the state file;
+- :mod:`~gradroute.attribution` — per-environment shares from hooked gradients.
+
+Each routed step produces a :class:`~gradroute.router.records.StepRecord` that is handed to
+subscribers (e.g. a :class:`~gradroute.DriftMonitor`): data flows one way.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import projection as P
+from ..errors import AdapterError, ConfigError, EnvColumnError, GradrouteWarning, PrecisionError
+from ..layers import LayerKey
+from ..model import unwrap_model
+from ..plan import RouteTarget, RoutingPlan
+from ..subspace import Subspace
+from . import state as _state
+from .envs import UNATTRIBUTED, Environments, EnvSplit
+from .modes import MODES, RoutingMode
+from .records import AdapterNorm, StepRecord
+from .route import Route
+
+# relative in-subspace residue (vs the base's own change) that weights stored in this dtype
+# can be relied on to keep, once the base is materialized (discard, save, gradient mode)
+_ACHIEVABLE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def _innermost_optimizer(opt: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside wrappers such as accelerate's ``AcceleratedOptimizer``."""
+    for _ in range(8):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None or inner is opt:
+            break
+        opt = inner
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise ConfigError(f"{type(opt).__name__} is not a torch optimizer.",
+                          "pass the torch.optim optimizer that steps the model (or a wrapper with .optimizer).")
+    return opt
+
+
+class GradientRouter:
+    """Route each optimizer step's in-subspace part of the planned modules into an adapter.
+
+    Plain PyTorch loop::
+
+        router = gr.GradientRouter(model, sub, mode="update", optimizer=opt)
+        loss.backward(); opt.step(); router.step(env_weights=...); opt.zero_grad()
+
+    (``mode="activation"`` adds adapter parameters to the model: create the optimizer after
+    the router, over ``model.parameters()``.) In a transformers/TRL ``Trainer`` add
+    ``router.callback()`` (or use :func:`gradroute.attach`).
+
+    Parameters: ``side``/``targets``/``embeddings``/``spread``/``route_bias`` choose the modules
+    (:func:`gradroute.plan.build_plan`); ``optimizer`` lets the router tell real optimizer
+    steps from repeated ``step()`` calls (and lets gradient mode split gradients right before
+    the step); ``adapter_lr``, ``adapter_lr_multiplier``, ``adapter_weight_decay`` set the
+    adapter's learning rate in gradient and activation modes; ``tolerance`` is the relative
+    in-subspace residue the base weights must stay under (default: what the weights' dtype can
+    hold); ``attribution``/``envs`` turn on per-environment attribution.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        subspace: Subspace,
+        mode: str = "update",
+        *,
+        side: str = "write",
+        targets: Any = None,
+        embeddings: bool = False,
+        spread: int = 0,
+        route_bias: bool | None = None,
+        optimizer: Any = None,
+        adapter_lr: float | None = None,
+        adapter_lr_multiplier: float | None = None,
+        adapter_weight_decay: float = 0.0,
+        adapter_betas: tuple[float, float] = (0.9, 0.999),
+        tolerance: float | None = None,
+        precision: str = "float64",
+        attribution: bool = False,
+        envs: list[str] | None = None,
+    ):
+        if mode not in MODES:
+            raise ConfigError(f"mode must be one of {tuple(MODES)}, got {mode!r}.",
+                              "use 'update' (watch), 'gradient' or 'activation' (isolate).")
+        if precision not in ("float64", "float32"):
+            raise ConfigError(f"precision must be 'float64' or 'float32', got {precision!r}.",
+                              "use 'float64' (exact bookkeeping) or 'float32'.")
+        mode_cls: type[RoutingMode] = MODES[mode]
+        if adapter_lr_multiplier is None:
+            adapter_lr_multiplier = getattr(mode_cls, "default_lr_multiplier", 1.0)
+        for name, v in (("adapter_lr_multiplier", adapter_lr_multiplier), ("adapter_lr", adapter_lr)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not (0 < v < math.inf)):
+                raise ConfigError(f"{name} must be a positive finite number, got {v!r}.",
+                                  f"pass e.g. {name}=10.")
+        self.model = model
+        self.subspace = subspace
+        self.mode = mode
+        base = unwrap_model(model)
+        if any(isinstance(L, int) for L in subspace.layers):
+            subspace.validate_for(base)
+        self.plan: RoutingPlan
+        self.plan, self.routing_subspace = mode_cls.plan(
+            base, subspace, side=side, targets=targets, embeddings=embeddings, spread=spread, route_bias=route_bias)
+        modules = dict(base.named_modules())
+        self.precision = getattr(torch, precision)
+        self.routes_state = [Route(t, modules[t.module], self.routing_subspace.basis(t.layer), self.precision)
+                             for t in self.plan]
+        self._by_name = {r.name: r for r in self.routes_state}
+        self.tolerance = self._check_precision(tolerance)
+        self.steps = 0
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._opt_steps = 0
+        self._seen_opt_steps = 0
+        self._hooks: list[Any] = []
+        self.observers: list[Any] = []  # objects with .observe(record); see subscribe()
+        self.environments = Environments(envs)
+        self.env_split = EnvSplit(self.routes_state)
+        self.mode_strategy: RoutingMode = mode_cls(self, {
+            "adapter_lr": adapter_lr, "adapter_lr_multiplier": float(adapter_lr_multiplier),
+            "adapter_weight_decay": adapter_weight_decay, "adapter_betas": adapter_betas})
+        self.mode_strategy.setup()
+        self.attribution = None
+        if attribution or envs is not None:
+            from ..attribution import Attribution
+
+            self.attribution = Attribution(
+                base, self.routes_state, self.environments,
+                probes={L: subspace.basis(L) for L in subspace.layers if L in set(self.plan.layers) or mode == "activation"},
+                betas=self._update_betas, capture=self.mode_strategy.captures_gradients is False)
+            self.mode_strategy.attribution_ready(self.attribution)
+        if optimizer is not None:
+            self.bind_optimizer(optimizer)
+
+    # ------------------------------------------------------------------ setup
+    def _check_precision(self, tolerance: float | None) -> float:
+        worst = max(_ACHIEVABLE.get(r.weight.dtype, 1e-2) for r in self.routes_state)
+        if tolerance is None:
+            return worst
+        if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or not (0 < tolerance < 1):
+            raise ConfigError(f"tolerance must be in (0, 1), got {tolerance!r}.", "pass e.g. tolerance=1e-5.")
+        if tolerance < worst:
+            dtypes = sorted({str(r.weight.dtype) for r in self.routes_state})
+            raise PrecisionError(
+                f"the routed weights are {', '.join(dtypes)}: the base weights' in-subspace residue "
+                f"can only be kept below about {worst:g} (relative), not tolerance={tolerance:g}.",
+                "keep float32 master weights (mixed-precision training with fp32 parameters), or "
+                f"pass tolerance>={worst:g}.",
+            )
+        return tolerance
+
+    def _update_betas(self) -> tuple[float, float | None]:
+        """(β1, β2) of the optimizer that makes the adapter's update; β2 None = no preconditioner."""
+        opt = self.mode_strategy.update_optimizer()
+        if opt is None:
+            return 0.0, None
+        group = opt.param_groups[0]
+        if "betas" in group:
+            b1, b2 = group["betas"]
+            return float(b1), float(b2)
+        return float(group.get("momentum", 0.0)), None
+
+    def bind_optimizer(self, optimizer: Any) -> None:
+        """Watch ``optimizer``: count its real steps (and let the mode hook it)."""
+        opt = _innermost_optimizer(optimizer)
+        if opt is self.optimizer:
+            return
+        self._check_optimizer(opt)
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self.optimizer = opt
+
+        def post(o, args, kwargs):
+            self._opt_steps += 1
+
+        self._hooks.append(opt.register_step_post_hook(post))
+        self._hooks += self.mode_strategy.bind(opt)
+        self._seen_opt_steps = self._opt_steps
+
+    def _check_optimizer(self, opt: torch.optim.Optimizer) -> None:
+        """The optimizer must step this model's routed parameters (or the mode's adapters)."""
+        stepped = {id(p) for g in opt.param_groups for p in g["params"]}
+        mine = [b.param for r in self.routes_state for b in r.blocks if b.param.requires_grad]
+        mine += self.mode_strategy.trainable_parameters()
+        if mine and not any(id(p) in stepped for p in mine):
+            raise ConfigError(
+                "the optimizer steps none of the routed model's trainable parameters "
+                "(was it made for another model?).",
+                "pass the optimizer that trains this model.",
+            )
+        self.mode_strategy.check_optimizer(stepped)
+
+    def subscribe(self, observer: Any) -> None:
+        """Hand every step record to ``observer.observe(record)`` (e.g. a DriftMonitor)."""
+        if observer not in self.observers:
+            self.observers.append(observer)
+
+    def detach(self) -> None:
+        """Remove the optimizer, attribution and mode hooks (the adapter state stays)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self.optimizer = None
+        if self.attribution is not None:
+            self.attribution.remove()
+        self.mode_strategy.remove()
+
+    @property
+    def adapter_optimizer(self) -> torch.optim.Optimizer | None:
+        """The adapter's own optimizer (gradient mode), else None."""
+        opt = self.mode_strategy.update_optimizer()
+        return None if opt is self.optimizer else opt
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def snapshot(self) -> None:
+        """Re-sync after weights were edited outside optimizer steps (e.g. a checkpoint load).
+
+        Such edits belong to the base: ``Uᵀ W_0`` is moved so that the adapter is unchanged.
+        Cheap when nothing changed (parameter version counters are compared).
+        """
+        for r in self.routes_state:
+            r.follow_device()
+            if r.versions() != r.version:
+                self.mode_strategy.resync(r)
+        self._seen_opt_steps = self._opt_steps
+
+    def _skip(self) -> None:
+        self.mode_strategy.skipped()
+        if self.attribution is not None:
+            self.attribution.reset_step()
+
+    @torch.no_grad()
+    def step(self, env_weights: Mapping[str, Any] | None = None, *, env_ids: Any = None,
+             warn_if_skipped: bool = True, observe: bool = True) -> StepRecord | None:
+        """Account the optimizer step that just happened. Call once after each ``optimizer.step()``.
+
+        ``env_weights`` splits this step's in-subspace update across environments: either
+        ``{env: share}`` (one share for every module) or ``{env: {module: share}}``; shares may
+        be negative and must sum to 1 (per module). Returns a :class:`StepRecord`, or None (with
+        a warning) when no optimizer step happened since the last call — nothing is counted twice.
+
+        With attribution on (``attribution=True`` or ``envs=[...]``), the shares come from the
+        per-environment gradients the hooks captured (:mod:`gradroute.attribution`); ``env_ids``
+        gives the rows' environments when they were not set before the forward pass.
+
+        The record is handed to subscribers (a :class:`~gradroute.DriftMonitor` subscribes
+        itself; its halt raises :class:`~gradroute.errors.DriftHalt`) unless ``observe=False``.
+        """
+        if env_ids is not None and self.attribution is None:
+            raise ConfigError(
+                "router.step(env_ids=...) needs per-environment attribution.",
+                "create the router with attribution=True (or envs=[...]) so it can hook the gradients.",
+            )
+        if self.optimizer is not None and self._opt_steps == self._seen_opt_steps:
+            if warn_if_skipped:
+                warnings.warn("router.step() was called but the optimizer has not stepped since the last "
+                              "call (or it skipped the step); nothing was accounted.", GradrouteWarning,
+                              stacklevel=2)
+            self._skip()
+            return None
+        if env_weights is not None and isinstance(env_weights, Mapping) and UNATTRIBUTED in map(str, env_weights):
+            raise EnvColumnError(f"{UNATTRIBUTED!r} is reserved for updates with no environment.",
+                                 "rename that environment.")
+        shares = self.env_split.parse(env_weights)  # validate before anything changes
+        if self.attribution is not None:
+            if env_weights is not None:
+                self.attribution.reset_step()  # explicit weights win; drop what the hooks captured
+            else:
+                self.attribution.check_ready(env_ids)  # raises before any state changes
+        for r in self.routes_state:
+            r.follow_device()
+        deltas = self.mode_strategy.after_step()
+        if self.optimizer is None and all(bool((d == 0).all()) for ds in deltas.values() for d in ds):
+            if warn_if_skipped:
+                warnings.warn("router.step(): the routed weights did not change since the last call; "
+                              "nothing was accounted (bind the optimizer to silence this for skipped "
+                              "steps).", GradrouteWarning, stacklevel=2)
+            self._skip()
+            return None
+        attribution = None
+        if env_weights is None and self.attribution is not None:
+            attribution = self.attribution.shares(deltas, env_ids)
+            shares = self.env_split.parse(attribution.env_weights)
+        for r in self.routes_state:
+            r.version = r.versions()
+        self._seen_opt_steps = self._opt_steps
+        self.steps += 1
+        if shares is None and self.env_split.split_envs:
+            shares = self.env_split.unattributed()  # once split by environment, un-split steps go there
+        if shares is not None:
+            self.env_split.accumulate(shares, deltas)
+        record = self._record(deltas, shares)
+        record.attribution = attribution
+        if observe:
+            for o in list(self.observers):
+                o.observe(record)
+        return record
+
+    def _record(self, deltas: dict[str, list[torch.Tensor]], shares: dict[str, dict[str, float]] | None) -> StepRecord:
+        # one host transfer per step: the squared norms of every module's update and adapter
+        sq = torch.stack([torch.stack([sum(d.double().pow(2).sum() for d in deltas[r.name]),
+                                       sum(b.adapter.double().pow(2).sum() for b in r.blocks)]).cpu()
+                          for r in self.routes_state]).tolist()
+        per_layer_upd: dict[LayerKey, float] = {}
+        per_layer_norm: dict[LayerKey, float] = {}
+        env_num: dict[str, float] = {}
+        for r, (d_sq, a_sq) in zip(self.routes_state, sq):
+            L = r.target.layer
+            per_layer_upd[L] = per_layer_upd.get(L, 0.0) + d_sq
+            per_layer_norm[L] = per_layer_norm.get(L, 0.0) + a_sq
+            if shares is not None:
+                for env, s in shares[r.name].items():
+                    env_num[env] = env_num.get(env, 0.0) + s * d_sq
+        total_sq = sum(per_layer_upd.values())
+        split = bool(self.env_split.split_envs)
+        return StepRecord(
+            step=self.steps,
+            update_norm=math.sqrt(total_sq),
+            update_norm_per_layer={L: math.sqrt(v) for L, v in per_layer_upd.items()},
+            adapter_norm=math.sqrt(sum(per_layer_norm.values())),
+            adapter_norm_per_layer={L: math.sqrt(v) for L, v in per_layer_norm.items()},
+            env_share={e: (v / total_sq if total_sq > 0 else 0.0) for e, v in env_num.items()},
+            env_adapter_share=self.env_split.adapter_shares() if split else {},
+            env_adapter_norm=self.env_split.adapter_norms() if split else {},
+            mode=self.mode,
+            nonfinite=not math.isfinite(total_sq),
+            deltas={r.name: deltas[r.name][0] for r in self.routes_state},
+        )
+
+    # ------------------------------------------------------------------ reading the adapter
+    @property
+    def routes(self) -> list[RouteTarget]:
+        return list(self.plan)
+
+    @property
+    def envs(self) -> list[str]:
+        """Environments that have an adapter share (``_unattributed`` for un-split steps)."""
+        return list(self.env_split.split_envs)
+
+    def _route(self, module: str) -> Route:
+        try:
+            return self._by_name[module]
+        except KeyError:
+            raise AdapterError(f"{module!r} is not routed; routed modules: {self.plan.modules}.",
+                               "use one of the routed module names (router.plan.modules).") from None
+
+    def _env_check(self, env: str | None) -> None:
+        if env is not None and env not in self.env_split.split_envs:
+            raise AdapterError(f"no adapter for environment {env!r}; environments: {self.envs}.",
+                               "pass env_weights to router.step() (or env ids to attach) to split by environment.")
+
+    def _coords(self, module: str, env: str | None, block: int) -> torch.Tensor | None:
+        self._env_check(env)
+        r = self._route(module)
+        if block >= len(r.blocks):
+            return None
+        b = r.blocks[block]
+        share = b.share(env)
+        return (share if share is not None else torch.zeros_like(b.adapter)).clone()
+
+    def adapter_coords(self, module: str, env: str | None = None) -> torch.Tensor:
+        """The adapter's coordinates for ``module`` (bookkeeping dtype; ``env``: that environment's share)."""
+        return self._coords(module, env, 0)  # type: ignore[return-value]
+
+    def adapter_bias_coords(self, module: str, env: str | None = None) -> torch.Tensor | None:
+        return self._coords(module, env, 1)
+
+    def adapter_delta(self, module: str, env: str | None = None) -> torch.Tensor:
+        """The adapter's full weight delta ``U A`` (bookkeeping dtype, the weight's shape)."""
+        return self._route(module).blocks[0].lift(self.adapter_coords(module, env))
+
+    def base_weight(self, module: str, env: str | None = None) -> torch.Tensor:
+        """The model's effective weight minus the adapter (``W − U A``, or ``W − U A_env``), in the
+        bookkeeping dtype. Cast it to the weight dtype to materialize it (that rounding is the
+        only error)."""
+        b = self._route(module).blocks[0]
+        return self.mode_strategy.effective(b) - self.adapter_delta(module, env)
+
+    def base_bias(self, module: str, env: str | None = None) -> torch.Tensor | None:
+        r = self._route(module)
+        if len(r.blocks) < 2:
+            return None
+        b = r.blocks[1]
+        return self.mode_strategy.effective(b) - b.lift(self.adapter_bias_coords(module, env))
+
+    def basis(self, module: str) -> torch.Tensor:
+        return self._route(module).U.clone()
+
+    def adapter_norm(self, env: str | None = None) -> AdapterNorm:
+        """‖adapter‖ (Frobenius norm of its weight delta) in total, per layer and per module."""
+        self._env_check(env)
+        per_module = {r.name: math.sqrt(r.norm_sq(env)) for r in self.routes_state}
+        per_layer: dict[LayerKey, float] = {}
+        for r in self.routes_state:
+            per_layer[r.target.layer] = per_layer.get(r.target.layer, 0.0) + r.norm_sq(env)
+        return AdapterNorm(
+            total=math.sqrt(sum(v * v for v in per_module.values())),
+            per_layer={L: math.sqrt(v) for L, v in per_layer.items()},
+            per_module=per_module,
+        )
+
+    def env_adapter_shares(self) -> dict[str, float]:
+        """Who built the current adapter: ``⟨A_e, A⟩ / ‖A‖²`` per environment (sums to 1)."""
+        return self.env_split.adapter_shares()
+
+    # ------------------------------------------------------------------ lifecycle
+    @torch.no_grad()
+    def discard(self, env: str | None = None) -> float:
+        """Remove the adapter from the model (all of it, or one environment's share).
+
+        Returns the norm removed. The model keeps only the base (and the other environments'
+        shares, when ``env`` is given)."""
+        self._env_check(env)
+        removed = self.adapter_norm(env).total
+        for r in self.routes_state:
+            if env is None:
+                keep = [torch.zeros_like(b.adapter) for b in r.blocks]
+            else:
+                if r.blocks[0].share(env) is None:
+                    continue
+                keep = [b.adapter - b.env[env] if env in b.env else b.adapter for b in r.blocks]
+            self.mode_strategy.set_adapter(r, keep)
+            if env is None:
+                self.mode_strategy.cleared(r)
+        self.env_split.drop(env)
+        self.mode_strategy.adapter_changed()
+        return removed
+
+    @torch.no_grad()
+    def merge(self) -> float:
+        """Accept the adapter into the base (the model's function is unchanged; A ← 0)."""
+        merged = self.adapter_norm().total
+        for r in self.routes_state:
+            self.mode_strategy.merge(r)
+        self.env_split.drop(None)
+        self.mode_strategy.adapter_changed()
+        return merged
+
+    # ------------------------------------------------------------------ invariants
+    def base_in_subspace_residue(self, initial: Mapping[str, torch.Tensor], materialized: bool = False) -> dict[str, float]:
+        """Invariant 3 check: ``‖Uᵀ(W_base − W_0)‖ / ‖W_base − W_0‖`` per module, given W_0.
+
+        ``materialized=True`` first rounds the base to the weights' dtype, as saving or
+        discarding does."""
+        out = {}
+        for r in self.routes_state:
+            base = self.base_weight(r.name)
+            if materialized:
+                base = base.to(r.weight.dtype)
+            diff = base.double() - initial[r.name].double()
+            out[r.name] = P.relative_in_subspace_norm(diff, r.U, r.target.axis)
+        return out
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Tensors (safetensors-ready) and JSON metadata for checkpoints."""
+        return _state.state_dict(self)
+
+    def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+        _state.load_state_dict(self, tensors, meta)
+        self._seen_opt_steps = self._opt_steps
+
+    def save_state(self, path: str | Path) -> Path:
+        """Write the router state (for checkpoints) to ``path/``."""
+        return _state.save(self, path)
+
+    def load_state(self, path: str | Path) -> None:
+        _state.load(self, path)
+        self._seen_opt_steps = self._opt_steps
+
+    @classmethod
+    def from_state(cls, model: nn.Module, path: str | Path, **kwargs: Any) -> GradientRouter:
+        """Rebuild a router from a directory written by :meth:`save_state` (e.g. a checkpoint's
+        ``gradroute/``): same subspace, modules and mode, with the saved adapter."""
+        meta = _state.read_meta(path)
+        sub = Subspace.load(Path(path) / "subspace")
+        mode_cls = MODES.get(meta.get("mode"), MODES["update"])
+        kwargs = {**mode_cls.rebuild_options(meta), **kwargs}
+        router = cls(model, sub, mode=meta["mode"], **kwargs)
+        router.load_state(path)
+        return router
+
+    # ------------------------------------------------------------------ integrations
+    def save_adapter(self, path: str | Path, env: str | None = None, base: str = "modules") -> Path:
+        """Write a standard PEFT LoRA adapter (B = U, A = coordinates, r = k, lora_alpha = r).
+
+        ``base``: ``"modules"`` also writes the routed modules' base weights
+        (``routed_base.safetensors``), ``"model"`` a full base model under ``path/base``
+        (``save_pretrained``), ``"none"`` nothing else. See :mod:`gradroute.integrations.peft`.
+        """
+        from ..integrations.peft import save_adapter
+
+        return save_adapter(self, path, env=env, base=base)
+
+    def callback(self, **kwargs: Any) -> Any:
+        """A transformers ``TrainerCallback`` doing the routing inside ``Trainer``/TRL trainers."""
+        from ..integrations.trainer import RouterCallback
+
+        return RouterCallback(self, **kwargs)
+
+    def __repr__(self) -> str:
+        return (f"GradientRouter(mode={self.mode!r}, {len(self.plan)} modules, steps={self.steps}, "
+                f"adapter_norm={self.adapter_norm().total:.4g})")

@@ -1,0 +1,176 @@
+"""Per-module route state: a routed module seen through its basis.
+
+A :class:`Route` holds one module's basis U (in the bookkeeping dtype) and one
+:class:`CoordBlock` per routed parameter — the weight (along its residual axis) and, for a
+writer with ``route_bias``, its bias (axis 0) as one more block. Every weight operation is one
+loop over the blocks. A block keeps
+
+    ref0    = Uᵀ P_0     the parameter's initial in-subspace coordinates
+    adapter = A          the adapter's coordinates (its weight delta is U A)
+    env[e]  = A_e        environment e's share of A (Σ_e A_e = A once split by environment)
+
+Bookkeeping is float64 by default: float32 storage of W rounds each entry by ~6e-8·|W|, which
+in RL (tiny updates) can exceed the in-subspace update being accounted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .. import projection as P
+from ..model import weight_module
+from ..plan import RouteTarget
+
+
+class CoordBlock:
+    """One parameter of a route, with its coordinates along ``axis``."""
+
+    CHUNK_BYTES = 64 << 20  # bound on the temporary copy when converting a weight to the bookkeeping dtype
+
+    def __init__(self, param: nn.Parameter, axis: int, route: Route):
+        self.param = param
+        self.axis = axis
+        self.route = route
+        self.ref0 = self.coords()
+        self.adapter = torch.zeros_like(self.ref0)
+        self.env: dict[str, torch.Tensor] = {}
+
+    def _slabs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Views of ``x`` split along its non-residual axis, each small enough to convert."""
+        if x.ndim == 1:
+            return [x]
+        per_slab = max(1, self.CHUNK_BYTES // (8 * x.shape[self.axis]))
+        return list(x.split(per_slab, dim=1 - self.axis))
+
+    def coords_of(self, x: torch.Tensor) -> torch.Tensor:
+        """``Uᵀ x`` along the block's axis, in the bookkeeping dtype."""
+        x = x.detach()
+        U, dt = self.route.basis(), self.route.dtype
+        parts = [P.coords(sl.to(dt), U, self.axis) for sl in self._slabs(x)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1 - self.axis)
+
+    def coords(self) -> torch.Tensor:
+        return self.coords_of(self.param)
+
+    def lift(self, C: torch.Tensor) -> torch.Tensor:
+        """``U C`` along the block's axis (bookkeeping dtype, the parameter's shape)."""
+        return P.lift(C.to(self.route.dtype), self.route.basis(), self.axis)
+
+    @torch.no_grad()
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        """In place ``x ← x − U Uᵀ x``; returns ``Uᵀ x`` (bookkeeping dtype). float32 suffices on
+        gradients: the weights' exact orthogonality is enforced afterwards by :meth:`set_coords`."""
+        U = self.route.basis32()
+        c = P.coords(x, U, self.axis)
+        x.sub_(P.lift(c, U, self.axis).to(x.dtype))
+        return c.to(self.route.dtype)
+
+    @torch.no_grad()
+    def set_coords(self, target: torch.Tensor) -> torch.Tensor:
+        """In place ``P ← P + U (target − Uᵀ P)`` (orthogonal part untouched); returns the
+        coordinates P realizes after rounding to its dtype, re-read in the bookkeeping dtype.
+
+        The correction is computed in float32 (its ~eps·‖P‖ error only nudges where the
+        coordinates land); the exact re-read is what callers record."""
+        x = self.param.data
+        U = self.route.basis32()
+        fix = target.to(torch.float32) - P.coords(x, U, self.axis)
+        x.add_(P.lift(fix, U, self.axis).to(x.dtype))
+        return self.coords_of(x)
+
+    def share(self, env: str | None) -> torch.Tensor | None:
+        """The adapter (``env=None``) or one environment's share (None if it has none)."""
+        return self.adapter if env is None else self.env.get(env)
+
+    def to(self, device: torch.device) -> None:
+        self.ref0, self.adapter = self.ref0.to(device), self.adapter.to(device)
+        self.env = {e: t.to(device) for e, t in self.env.items()}
+
+
+class Route:
+    """State of one routed module: its basis and coordinate blocks (weight, optional bias)."""
+
+    def __init__(self, target: RouteTarget, module: nn.Module, U: torch.Tensor, dtype: torch.dtype):
+        self.target = target
+        self.module = module                 # as found in the model (may be a PEFT-wrapped layer)
+        wm = weight_module(module)
+        self.weight: nn.Parameter = wm.weight
+        self.bias: nn.Parameter | None = wm.bias if target.bias else None
+        self.dtype = dtype
+        self.U = P.refine_basis(U, dtype).to(self.weight.device)
+        self._U32: torch.Tensor | None = None
+        self.blocks: list[CoordBlock] = [CoordBlock(self.weight, target.axis, self)]
+        if self.bias is not None:
+            self.blocks.append(CoordBlock(self.bias, 0, self))
+        self.version = self.versions()
+
+    @property
+    def name(self) -> str:
+        return self.target.module
+
+    def __iter__(self) -> Iterator[CoordBlock]:
+        return iter(self.blocks)
+
+    # ------------------------------------------------------------------ basis and device
+    def basis(self) -> torch.Tensor:
+        if self.U.device != self.weight.device:
+            self.follow_device()
+        return self.U
+
+    def basis32(self) -> torch.Tensor:
+        if self._U32 is None or self._U32.device != self.weight.device:
+            self._U32 = self.basis().to(torch.float32)
+        return self._U32
+
+    def follow_device(self) -> None:
+        """Move the basis and all bookkeeping to the weight's device (after ``model.to(...)``)."""
+        dev = self.weight.device
+        if self.U.device == dev and self.blocks[0].ref0.device == dev:
+            return
+        self.U = self.U.to(dev)
+        self._U32 = None
+        for b in self.blocks:
+            b.to(dev)
+
+    # ------------------------------------------------------------------ weights
+    def versions(self) -> tuple[int, ...]:
+        return tuple(b.param._version for b in self.blocks)
+
+    def adapters(self) -> list[torch.Tensor]:
+        return [b.adapter for b in self.blocks]
+
+    def realize(self, adapters: list[torch.Tensor]) -> None:
+        """Make the parameters hold ``Uᵀ P_0 + A`` inside span(U) (orthogonal part untouched) and
+        set the adapter to what they realize after rounding, so that ``P − U A`` keeps exactly
+        the initial in-subspace coordinates."""
+        for b, A in zip(self.blocks, adapters):
+            b.adapter = b.set_coords(b.ref0 + A) - b.ref0
+        self.version = self.versions()
+
+    def pin(self) -> None:
+        """Put every parameter's in-subspace coordinates back to ``Uᵀ P_0`` (the base never
+        moves inside span(U))."""
+        for b in self.blocks:
+            b.ref0 = b.set_coords(b.ref0)
+        self.version = self.versions()
+
+    def resync(self) -> None:
+        """The parameters were edited outside a routed step: that edit belongs to the base."""
+        for b in self.blocks:
+            b.ref0 = b.coords() - b.adapter
+        self.version = self.versions()
+
+    # ------------------------------------------------------------------ adapter views
+    def flat(self, env: str | None = None) -> torch.Tensor | None:
+        """All blocks' coordinates (or one environment's) as one float64 vector; None if absent."""
+        parts = [b.share(env) for b in self.blocks]
+        if parts[0] is None:
+            return None
+        return torch.cat([p.double().reshape(-1) for p in parts if p is not None])
+
+    def norm_sq(self, env: str | None = None) -> float:
+        f = self.flat(env)
+        return 0.0 if f is None else float(f @ f)

@@ -1,0 +1,254 @@
+"""Activation mode (gradient routing in activation space): invariant 7 and its consequences on
+Llama, Qwen2, GPT-2 (Conv1D) and GPT-NeoX tiny models, with full weights and a user LoRA."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import gradroute as gr
+from gradroute import projection as P
+from gradroute.errors import ConfigError, RoutingError
+from gradroute.model import residual_hooks
+from gradroute.router.modes.activation import ADAPTERS_ATTR
+from gradroute.testing import tiny_lm
+
+ARCHS = ("llama", "qwen2", "gpt2", "gpt_neox")
+
+
+def _subspace(d=64, layers=(1, 2), k=(2, 3), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return gr.Subspace.from_directions({L: torch.randn(kk, d, generator=g) for L, kk in zip(layers, k)})
+
+
+def _batch(seed=0, bsz=4, T=12):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 100, (bsz, T), generator=g)
+
+
+def _persona_loss(model, sub, x, layers):
+    """A loss made only of persona coordinates Uᵀh at the given layers."""
+    coords = []
+    with residual_hooks(model, layers, lambda L, h: coords.append((P.coords(h, sub.basis(L)) ** 2).mean())):
+        model(input_ids=x)
+    return sum(coords)
+
+
+def _base_params(model):
+    return {n: p for n, p in model.named_parameters() if ADAPTERS_ATTR not in n and p.requires_grad}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_forward_unchanged_at_init_and_persona_loss_reaches_only_adapters(arch):
+    model, _ = tiny_lm(arch)
+    plain = copy.deepcopy(model)
+    sub = _subspace()
+    router = gr.GradientRouter(model, sub, mode="activation")
+    x = _batch()
+    assert torch.equal(model(input_ids=x).logits, plain(input_ids=x).logits)  # (a)
+    # every residual write is routed: embeddings (and GPT-2's position embedding) and all writers
+    sides = {t.side for t in router.plan}
+    assert sides == {"embed", "write"}
+    if arch == "gpt2":
+        assert {"transformer.wte", "transformer.wpe"} <= set(router.plan.modules)
+    for layers in ([1], [2], [1, 2]):  # (b): at any layer
+        model.zero_grad()
+        plain.zero_grad()
+        _persona_loss(model, sub, x, layers).backward()
+        _persona_loss(plain, sub, x, layers).backward()
+        ref = _base_params(plain)
+        for n, p in _base_params(model).items():
+            g, g0 = p.grad, ref[n].grad
+            scale = float(g0.norm()) if g0 is not None else 0.0
+            if g is not None:
+                assert float(g.norm()) <= 1e-5 * max(scale, 1e-3), (layers, n, float(g.norm()), scale)
+        adapter_grads = [p.grad for p in router.mode_strategy.trainable_parameters()]
+        assert sum(float(g.norm()) for g in adapter_grads if g is not None) > 0
+    # an ordinary loss still trains the base
+    model.zero_grad()
+    model(input_ids=x, labels=x).loss.backward()
+    assert sum(float(p.grad.norm()) for p in _base_params(model).values() if p.grad is not None) > 0
+
+
+def _train(model, router_or_none, steps=12, lr=3e-3, wd=0.1, sub=None):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
+    if router_or_none is not None:
+        router_or_none.bind_optimizer(opt)
+    for i in range(steps):
+        x = _batch(seed=i)
+        loss = model(input_ids=x, labels=x).loss
+        if sub is not None:  # push the persona coordinates up, so the adapters have work to do
+            loss = loss - 0.1 * _persona_loss(model, sub, x, [1, 2])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if router_or_none is not None:
+            router_or_none.step()
+        opt.zero_grad()
+    return opt
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_base_stays_out_of_the_span_and_discard_gives_the_base(arch, tmp_path):
+    model, _ = tiny_lm(arch)
+    sub = _subspace()
+    router = gr.GradientRouter(model, sub, mode="activation")
+    init = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _train(model, router, sub=sub)
+    assert router.adapter_norm().total > 0
+    modules = dict(model.named_modules())
+    for t in router.plan:  # (c): writers, biases and embeddings keep their initial in-span coordinates
+        U = router.basis(t.module)
+        for pname, axis in (("weight", t.axis), ("bias", 0)):
+            p = getattr(modules[t.module], pname, None)
+            if p is None:
+                continue
+            diff = p.detach().double() - init[f"{t.module}.{pname}"].double()
+            assert float(diff.norm()) > 0, (t.module, pname)   # it trained...
+            assert P.relative_in_subspace_norm(diff, U, axis) <= 1e-5, (t.module, pname)  # ...outside the span
+    x = _batch(seed=99)
+    trained = model(input_ids=x).logits.detach()
+    # the adapter is a plain PEFT LoRA on the base: PEFT reproduces the trained model
+    from peft import PeftModel
+
+    router.save_adapter(tmp_path / "ad", base="model")
+    base = type(model).from_pretrained(tmp_path / "ad" / "base")
+    peft_model = PeftModel.from_pretrained(base, str(tmp_path / "ad"))
+    assert torch.allclose(peft_model(input_ids=x).logits, trained, atol=1e-5)
+    # (d): discard gives exactly the base-only forward
+    base_only, _ = tiny_lm(arch)
+    sd = {k: v for k, v in model.state_dict().items() if ADAPTERS_ATTR not in k}
+    base_only.load_state_dict(sd)
+    router.discard()
+    assert router.adapter_norm().total == 0
+    assert torch.equal(model(input_ids=x).logits, base_only(input_ids=x).logits)
+    assert not torch.allclose(trained, base_only(input_ids=x).logits, atol=1e-4)
+
+
+def test_user_lora_policy_is_routed_too():
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = tiny_lm("llama")
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "down_proj", "up_proj"], lora_dropout=0.0)
+    pm = get_peft_model(model, cfg)
+    sub = _subspace()
+    router = gr.GradientRouter(pm, sub, mode="activation")
+    lora = {n: p for n, p in pm.named_parameters() if "lora_" in n}
+    assert lora and all(p.requires_grad for p in lora.values())
+    # (b) for the user's LoRA: a persona-coordinate loss gives it no gradient
+    x = _batch()
+    pm.zero_grad()
+    with torch.no_grad():  # make the user's LoRA non-trivial first
+        for n, p in lora.items():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    _persona_loss(pm, sub, x, [1, 2]).backward()
+    writer_lora_grads = [float(p.grad.norm()) for n, p in lora.items()
+                         if p.grad is not None and ("o_proj" in n or "down_proj" in n)]
+    reader_lora_grads = [float(p.grad.norm()) for n, p in lora.items()
+                         if p.grad is not None and ("q_proj" in n or "up_proj" in n)]
+    assert max(writer_lora_grads + reader_lora_grads + [0.0]) <= 1e-6
+    assert sum(float(p.grad.norm()) for p in router.mode_strategy.trainable_parameters() if p.grad is not None) > 0
+    # training with AdamW keeps the writers' LoRA B out of the span
+    pm.zero_grad()
+    _train(pm, router, steps=6, sub=sub)
+    checked = 0
+    for n, p in lora.items():
+        module = n.split("base_model.model.", 1)[1].split(".lora_B")[0]
+        if "lora_B" in n and module in router.plan.modules:
+            U = router.basis(module)
+            assert float(p.detach().norm()) > 0
+            assert float(P.coords(p.detach(), U, 0).norm()) <= 1e-5 * float(p.detach().norm())
+            checked += 1
+    assert checked == 6  # o_proj and down_proj of blocks 0-2 (block 3 writes after the last persona layer)
+    assert router.adapter_norm().total > 0
+
+
+def test_adapter_lr_multiplier_scales_the_adapter_update_exactly():
+    runs = {}
+    for mult in (1.0, 3.0):
+        model, _ = tiny_lm("llama")
+        sub = _subspace()
+        router = gr.GradientRouter(model, sub, mode="activation", adapter_lr_multiplier=mult)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        router.bind_optimizer(opt)
+        x = _batch()
+        (-_persona_loss(model, sub, x, [1, 2])).backward()
+        opt.step()
+        runs[mult] = router.step()
+    # one SGD step from A = 0: the update is exactly proportional to the multiplier
+    for m in runs[1.0].deltas:
+        assert torch.allclose(runs[3.0].deltas[m], 3.0 * runs[1.0].deltas[m], rtol=1e-5, atol=1e-12)
+
+
+def test_per_environment_attribution_sums_exactly_in_activation_mode():
+    model, _ = tiny_lm("llama")
+    sub = _subspace()
+    router = gr.GradientRouter(model, sub, mode="activation", attribution=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    router.bind_optimizer(opt)
+    for i in range(4):
+        x = _batch(seed=i)
+        with router.attribution.batch(["a", "a", "b", "b"]):
+            loss = model(input_ids=x, labels=x).loss - 0.1 * _persona_loss(model, sub, x, [1, 2])
+            loss.backward()
+        opt.step()
+        rec = router.step()
+        opt.zero_grad()
+        assert rec.attribution is not None and set(rec.attribution.grad_norm) == {"a", "b"}
+        assert sum(rec.env_share.values()) == pytest.approx(1.0, abs=1e-9)
+    for m in router.plan.modules:
+        total = router.adapter_coords(m)
+        assert torch.allclose(sum(router.adapter_coords(m, e) for e in router.envs), total, atol=1e-9)
+    router.discard("a")
+    assert "a" not in router.envs
+
+
+def test_bad_input_in_activation_mode():
+    model, _ = tiny_lm("llama")
+    sub = _subspace()
+    with pytest.raises(ConfigError, match="side='read'"):
+        gr.GradientRouter(model, sub, mode="activation", side="read")
+    # an optimizer made before the router misses the adapters: refused on bind...
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    router = gr.GradientRouter(model, sub, mode="activation")
+    with pytest.raises(ConfigError, match="created before the router"):
+        router.bind_optimizer(opt)
+    # ...and detected on the first step when it was never bound
+    x = _batch()
+    (-_persona_loss(model, sub, x, [1, 2])).backward()
+    opt.step()
+    with pytest.raises(ConfigError, match="created before the router"):
+        router.step()
+
+
+def test_unfindable_residual_writes_are_named():
+    model, _ = tiny_lm("llama")
+    blocks = model.model.layers
+    h = blocks[1].mlp.register_forward_hook(lambda m, a, out: out * 2.0)  # a write that is not a module output
+    with pytest.raises(RoutingError, match="block 1"):
+        gr.GradientRouter(model, _subspace(), mode="activation")
+    h.remove()
+    h = blocks[0].register_forward_pre_hook(lambda m, args, kw: ((args[0] * 3.0,) + args[1:], kw) if args
+                                            else (args, {**kw, "hidden_states": kw["hidden_states"] * 3.0}),
+                                            with_kwargs=True)
+    with pytest.raises(RoutingError, match="embedding"):
+        gr.GradientRouter(model, _subspace(), mode="activation")
+    h.remove()
+
+
+def test_state_round_trip_in_activation_mode(tmp_path):
+    model, _ = tiny_lm("llama")
+    sub = _subspace()
+    router = gr.GradientRouter(model, sub, mode="activation")
+    _train(model, router, steps=3, sub=sub)
+    router.save_state(tmp_path / "st")
+    x = _batch(seed=5)
+    ref = model(input_ids=x).logits.detach()
+    twin_model, _ = tiny_lm("llama")
+    twin_model.load_state_dict({k: v for k, v in model.state_dict().items() if ADAPTERS_ATTR not in k}, strict=False)
+    twin = gr.GradientRouter.from_state(twin_model, tmp_path / "st")
+    assert twin.mode == "activation" and twin.steps == 3
+    assert torch.allclose(twin_model(input_ids=x).logits, ref, atol=1e-6)
