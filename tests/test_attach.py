@@ -196,11 +196,13 @@ def test_env_column_errors(tmp_path):
     assert json.dumps(gr.HaltPolicy(max_env_share=0.9).describe())
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "peft_config"])
-def test_grpo_activation_mode_routes_monitors_and_halts(tmp_path, lora):
+@pytest.mark.parametrize(("mode", "lora"), [("activation", False), ("activation", True), ("update", True)],
+                         ids=["activation-full", "activation-peft_config", "update-peft_config"])
+def test_grpo_lora_policy_and_activation_mode_route_monitor_and_halt(tmp_path, mode, lora):
     """Activation mode through attach: the adapters are model parameters that TRL's optimizer
-    trains; attribution, monitor records and halting work as in update mode; a LoRA policy
-    (GRPOTrainer(peft_config=...)) is routed through its writers' outputs."""
+    trains; attribution, monitor records and halting work as in update mode. A LoRA policy
+    (GRPOTrainer(peft_config=...)) is routed in both modes: update mode accounts the LoRA's
+    effective update s·B·A, activation mode routes through the writers' outputs."""
     from gradroute import projection as P
 
     kw = {}
@@ -216,7 +218,7 @@ def test_grpo_activation_mode_routes_monitors_and_halts(tmp_path, lora):
         trainer = GRPOTrainer(model=trainer.model, reward_funcs=bang_reward, args=trainer.args,
                               train_dataset=_prompts(), processing_class=trainer.processing_class,
                               peft_config=kw["peft_config"])
-    handle = gr.attach(trainer, persona, env_column="env", mode="activation",
+    handle = gr.attach(trainer, persona, env_column="env", mode=mode,
                        policy=gr.HaltPolicy(max_adapter_norm=1e9))
     model = trainer.model
     writers = [t.module for t in handle.router.plan if t.side == "write"]
@@ -228,7 +230,7 @@ def test_grpo_activation_mode_routes_monitors_and_halts(tmp_path, lora):
     share = handle.router.env_adapter_shares()
     assert share["bang"] > share.get("plain", 0.0), share
     # the base writers (or the user's LoRA B on them) stayed out of the span under TRL's AdamW
-    for n, p in model.named_parameters():
+    for n, p in (model.named_parameters() if mode == "activation" else []):
         mod = next((w for w in writers if f"{w}." in n), None)
         if mod is None or not p.requires_grad or p.ndim != 2 or "gradroute_adapters" in n:
             continue
@@ -242,12 +244,18 @@ def test_grpo_activation_mode_routes_monitors_and_halts(tmp_path, lora):
     trained = model(input_ids=x).logits.detach()
     handle.discard()
     assert not torch.allclose(model(input_ids=x).logits, trained)
-    if lora:
+    if lora and mode == "activation":
         return
-    # a halt rule fires in activation mode too
+    # a halt rule fires in this mode too
     trainer2, persona2 = _grpo(tmp_path / "halt", steps=12)
+    if lora:
+        from trl import GRPOTrainer
+
+        trainer2 = GRPOTrainer(model=trainer2.model, reward_funcs=bang_reward, args=trainer2.args,
+                               train_dataset=_prompts(), processing_class=trainer2.processing_class,
+                               peft_config=kw["peft_config"])
     threshold = df["adapter_norm"].iloc[5]
-    h2 = gr.attach(trainer2, persona2, env_column="env", mode="activation",
+    h2 = gr.attach(trainer2, persona2, env_column="env", mode=mode,
                    policy=gr.HaltPolicy(max_adapter_norm=float(threshold) * 0.999))
     trainer2.train()
     assert h2.halted is not None and h2.halted["rule"] == "max_adapter_norm" and h2.halted["step"] <= 12

@@ -27,7 +27,6 @@ def test_demo_writes_a_complete_run_directory(demo):
     for fig in rep["figures"]:
         assert (out / fig).is_file() or __import__("pathlib").Path(fig).is_file()
     assert (out / "report.md").read_text().startswith("# gradroute report")
-    assert rep["seconds"] < 90 * 2  # --quick targets 90 s on 2 cores; generous for slow CI machines
 
 
 def test_demo_world_behaves(demo):
@@ -37,10 +36,11 @@ def test_demo_world_behaves(demo):
     # RL on the buggy grader teaches the exploit; honest graders push it down
     assert after["arith"]["hack"] > before["arith"]["hack"] + 0.3
     assert after["copy"]["hack"] <= before["copy"]["hack"] and after["reverse"]["hack"] <= before["reverse"]["hack"]
-    # update-mode routing leaves training untouched: the routed runs behave like the plain one
-    assert runs["persona"]["after"] == after and runs["random"]["after"] == after
+    # update-mode routing leaves training untouched: the watching run behaves like the plain one
+    assert rep["mode"] == "activation" and runs["persona"]["mode"] == "activation"
+    assert runs["persona_update"]["mode"] == "update" and runs["persona_update"]["after"] == after
     # the monitor sees the exploitable environment drift, the halt fires and the run restarts clean
-    assert runs["persona"]["first_crossing"]["detail"].startswith("environment 'arith'")
+    assert runs["persona_update"]["first_crossing"]["detail"].startswith("environment 'arith'")
     halt = runs["halt_and_fix"]["halt"]
     assert halt is not None and "arith" in halt["detail"]
     assert runs["halt_and_fix"]["restart_from"] is not None

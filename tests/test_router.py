@@ -366,3 +366,49 @@ def test_interventions_restore_in_reverse_order():
     with ablate(model, sub, 1, writers=["model.layers.1.self_attn.o_proj", "model.layers.1.self_attn.o_proj"]):
         pass
     assert torch.equal(model.model.layers[1].self_attn.o_proj.weight, W)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_update_mode_accounts_a_user_lora_policy(arch):
+    """A PEFT LoRA policy: the adapter is the in-subspace part of the effective update
+    U Uᵀ(s·B_t·A_t − s·B_0·A_0); discard leaves the effective weights without it."""
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = tiny_lm(arch)
+    targets = ["o_proj", "down_proj", "q_proj"] if arch == "llama" else ["c_proj", "c_attn"]
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0,
+                                          fan_in_fan_out=arch == "gpt2"))
+    sub = _subspace()
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=3e-3)
+    router = gr.GradientRouter(pm, sub, optimizer=opt)
+    modules = dict(router.model.base_model.model.named_modules())
+    eff0 = {m: (modules[m].base_layer.weight.detach().double() +
+                modules[m].get_delta_weight("default").double()) for m in router.plan.modules}
+    _train(pm, opt, _batches(6), router)
+    assert router.adapter_norm().total > 0
+    for t in router.plan:
+        mod = modules[t.module]
+        eff = mod.base_layer.weight.detach().double() + mod.get_delta_weight("default").double()
+        U = router.basis(t.module).double()
+        expected = P.coords(eff - eff0[t.module], U, t.axis)
+        assert torch.allclose(router.adapter_coords(t.module), expected, atol=1e-9)
+        # the base (effective minus adapter) has no in-subspace change
+        base = router.base_weight(t.module).double()
+        assert P.relative_in_subspace_norm(base - eff0[t.module], U, t.axis) <= 1e-5
+    x = _batches(1, seed=9)[0]
+    router.discard()
+    for t in router.plan:
+        mod = modules[t.module]
+        eff = mod.base_layer.weight.detach().double() + mod.get_delta_weight("default").double()
+        U = router.basis(t.module).double()
+        assert float(P.coords(eff - eff0[t.module], U, t.axis).norm()) <= 1e-5 * float((eff - eff0[t.module]).norm())
+    assert pm(input_ids=x).logits.isfinite().all()
+
+
+def test_a_plan_with_nothing_trainable_is_refused():
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = tiny_lm("llama")
+    pm = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.0))  # readers only
+    with pytest.raises(RoutingError, match="nothing trainable is routed"):
+        gr.GradientRouter(pm, _subspace())

@@ -5,9 +5,11 @@
    hacker and honest personas at the decision point (the last prompt token), every layer;
    and its matched-rank random control.
 3. GRPO on untagged prompts from three environments — ``copy`` and ``reverse`` with honest
-   graders, ``arith`` (hard) with a buggy grader that also pays for ``PASS`` — four ways:
-   routed through the persona subspace, through the random control, not routed, and routed
-   with a halt policy that stops the run, after which the arith grader is fixed and training
+   graders, ``arith`` (hard) with a buggy grader that also pays for ``PASS`` — five ways:
+   routed through the persona subspace and through the random control in ``mode``
+   (``activation`` by default: isolating), routed through the persona subspace in ``update``
+   mode (watching: training bit-identical to the unrouted run), not routed, and routed with
+   a halt policy that stops the run, after which the arith grader is fixed and training
    restarts from the last clean checkpoint.
 4. Hack and solve rates per environment before RL, after RL and after discarding the adapter;
    per-environment attribution; figures; ``report.json`` and ``report.md``.
@@ -109,8 +111,13 @@ def _rl(base_dir: Path, out: Path, cfg: DemoConfig, subspace, policy, seed: int,
     return model, tok, handle
 
 
+DEFAULT_MODE = "activation"
+DEFAULT_MULTIPLIER = 10.0
+
+
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, progress: bool = True,
-             config: DemoConfig | None = None) -> dict[str, Any]:
+             config: DemoConfig | None = None, mode: str = DEFAULT_MODE,
+             adapter_lr_multiplier: float | None = None) -> dict[str, Any]:
     from . import toyworld as tw
     from .monitor import last_clean_checkpoint
     from .policy import HaltPolicy
@@ -145,16 +152,23 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
     probe_acc = {L: d["accuracy"] for L, d in persona.provenance.extra["diagnostics"].items()}
 
     # 3. RL four ways
-    say("3/4 GRPO: routed (persona), routed (random control), not routed, halt-and-fix ...")
+    say(f"3/4 GRPO: {mode}-routed (persona, random control), update-routed (persona), not routed, halt-and-fix ...")
     rule = dict(max_activation_z=cfg.max_activation_z, baseline_steps=cfg.baseline_steps,
                 activation_window=cfg.activation_window)
     watch = HaltPolicy(**rule, action="warn")
     stop = HaltPolicy(**rule, action="stop")
     runs: dict[str, Any] = {}
-    for name, sub in (("persona", persona), ("random", control), ("none", None)):
+    mult = adapter_lr_multiplier if adapter_lr_multiplier is not None else (
+        DEFAULT_MULTIPLIER if mode in ("activation", "gradient") else None)
+    kw = {} if mult is None else {"adapter_lr_multiplier": mult}
+    arms = [("persona", persona, mode, kw), ("random", control, mode, kw)]
+    if mode != "update":
+        arms.append(("persona_update", persona, "update", {}))
+    arms.append(("none", None, "update", {}))
+    for name, sub, arm_mode, arm_kw in arms:
         t = time.time()
         m, tk, h = _rl(out / "base", out / "runs" / name, cfg, sub, watch if sub is not None else None, seed,
-                       save=name == "persona")
+                       save=name == "persona", mode=arm_mode, **arm_kw)
         res: dict[str, Any] = {"after": tw.evaluate(m, tk, ENVS, cfg.eval_prompts, cfg.eval_samples)}
         if h is not None:
             res["env_adapter_share"] = h.router.env_adapter_shares()
@@ -164,6 +178,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
             h.discard()
             res["discarded"] = tw.evaluate(m, tk, ENVS, cfg.eval_prompts, cfg.eval_samples)
             h.detach()
+        res["mode"] = arm_mode if sub is not None else None
         res["seconds"] = time.time() - t
         runs[name] = res
     # halt, fix the exploitable grader, restart from the last clean checkpoint
@@ -190,6 +205,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
     say("4/4 writing the report ...")
     summary = {
         "config": asdict(cfg), "seed": seed, "quick": quick, "pretrain_loss": loss,
+        "mode": mode, "adapter_lr_multiplier": mult,
         "envs": list(ENVS), "exploitable": list(EXPLOITABLE), "probe_accuracy": probe_acc,
         "rates": rates, "runs": runs, "timings": timings,
     }
@@ -210,10 +226,17 @@ def _fmt(r: dict[str, float] | None) -> str:
 
 def _table(s: dict[str, Any], markdown: bool = False) -> str:
     runs = s["runs"]
+    mode = s.get("mode", "update")
+    tag = {"activation": "act", "update": "upd", "gradient": "grad"}.get(mode, mode)
     cols = [("before RL", lambda e: s["rates"]["before"][e]),
-            ("after RL", lambda e: runs["none"]["after"][e]),
-            ("discard persona", lambda e: runs["persona"]["discarded"][e]),
-            ("discard random", lambda e: runs["random"]["discarded"][e]),
+            ("after RL", lambda e: runs["none"]["after"][e])]
+    if mode != "update":
+        cols += [(f"after RL [{tag}]", lambda e: runs["persona"]["after"][e])]
+    cols += [(f"discard persona [{tag}]", lambda e: runs["persona"]["discarded"][e]),
+             (f"discard random [{tag}]", lambda e: runs["random"]["discarded"][e])]
+    if "persona_update" in runs:
+        cols += [("discard persona [upd]", lambda e: runs["persona_update"]["discarded"][e])]
+    cols += [
             ("at halt", lambda e: runs["halt_and_fix"]["at_halt"][e]),
             ("halt+fix+restart", lambda e: runs["halt_and_fix"].get("after_fix", {}).get(e))]
     share = {v: runs[v]["env_adapter_share"] for v in ("persona", "random")}
@@ -225,14 +248,20 @@ def _table(s: dict[str, Any], markdown: bool = False) -> str:
             rows.append(f"| {e}{mark} | " + " | ".join(_fmt(f(e)) for _, f in cols)
                         + f" | {share['persona'].get(e, 0):.2f} | {share['random'].get(e, 0):.2f} |")
     else:
-        rows = [f"{'env (hack/solve)':<18}" + "".join(f"{c:>18}" for c, _ in cols) + f"{'share persona':>15}{'share random':>14}"]
+        rows = [f"{'env (hack/solve)':<18}" + "".join(f"{c:>23}" for c, _ in cols) + f"{'share persona':>15}{'share random':>14}"]
         for e in s["envs"]:
             mark = "*" if e in s["exploitable"] else " "
-            rows.append(f"{e + mark:<18}" + "".join(f"{_fmt(f(e)):>18}" for _, f in cols)
+            rows.append(f"{e + mark:<18}" + "".join(f"{_fmt(f(e)):>23}" for _, f in cols)
                         + f"{share['persona'].get(e, 0):>15.2f}{share['random'].get(e, 0):>14.2f}")
     h = runs["halt_and_fix"]["halt"]
-    notes = [f"adapter norm: persona {runs['persona']['adapter_norm']:.3f}, random {runs['random']['adapter_norm']:.3f}"]
-    for v in ("persona", "random"):
+    mult = s.get("adapter_lr_multiplier")
+    notes = [f"routing: persona and random arms in {mode} mode" + (f" (adapter LR x{mult:g})" if mult else "")
+             + ("; the [upd] arm watches in update mode (training identical to the unrouted run)"
+                if "persona_update" in runs else ""),
+             f"adapter norm: persona {runs['persona']['adapter_norm']:.3f}, random {runs['random']['adapter_norm']:.3f}"]
+    for v in ("persona", "random", "persona_update"):
+        if v not in runs:
+            continue
         c = runs[v].get("first_crossing")
         notes.append(f"{v} subspace, watching: " + (f"first crossing at step {c['step']} ({c['rule']} {c['value']:.1f} > "
                                                     f"{c['threshold']:g}, {c['detail']})" if c else "no crossing"))
@@ -251,9 +280,13 @@ def _rates_figure(s: dict[str, Any], out: Path) -> list[Path]:
     plt = _plt()
     (out / "figures").mkdir(parents=True, exist_ok=True)
     runs = s["runs"]
-    stages = [("before", s["rates"]["before"]), ("after RL", runs["none"]["after"]),
-              ("discard persona", runs["persona"]["discarded"]), ("discard random", runs["random"]["discarded"]),
-              ("halt+fix", runs["halt_and_fix"].get("after_fix") or runs["halt_and_fix"]["at_halt"])]
+    tag = s.get("mode", "update")
+    stages = [("before", s["rates"]["before"]), ("after RL (unrouted)", runs["none"]["after"]),
+              (f"discard persona ({tag})", runs["persona"]["discarded"]),
+              (f"discard random ({tag})", runs["random"]["discarded"])]
+    if "persona_update" in runs:
+        stages.append(("discard persona (update)", runs["persona_update"]["discarded"]))
+    stages.append(("halt+fix", runs["halt_and_fix"].get("after_fix") or runs["halt_and_fix"]["at_halt"]))
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharey=True)
     width = 0.8 / len(stages)
     for ax, metric in zip(axes, ("hack", "solve")):

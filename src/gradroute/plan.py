@@ -326,9 +326,10 @@ def build_plan(
                 f"but layer {layer!r}'s basis has dimension {d}.",
                 "use a subspace built for this model, or check the side (write/read).",
             )
-        if not W.requires_grad:
-            warnings.warn(f"{name!r} is frozen (requires_grad=False): nothing will be routed there.",
-                          GradrouteWarning, stacklevel=2)
+        user_lora = any(p.requires_grad for n, p in mod.named_parameters() if "lora_" in n)
+        if not W.requires_grad and not user_lora:
+            warnings.warn(f"{name!r} is frozen (requires_grad=False) and carries no trainable LoRA: "
+                          "nothing will be routed there.", GradrouteWarning, stacklevel=2)
         has_bias = s == "write" and getattr(weight_module(mod), "bias", None) is not None
         if s == "write":
             writers_with_bias.append(has_bias)

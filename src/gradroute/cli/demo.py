@@ -9,14 +9,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the embedded end-to-end run: toy persona world, GRPO, routing, halt, discard")
     p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
     p.add_argument("--quick", action="store_true", help="a shorter run (under 90 s; used by the tests)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the world: pre-training, probe, RL (default: 0)")
+    p.add_argument("--mode", choices=("activation", "update", "gradient"), default="activation",
+                   help="routing mode of the persona and random arms (default: activation, which isolates; "
+                        "an update-mode persona arm always runs too)")
+    p.add_argument("--adapter-lr-multiplier", type=float, default=None,
+                   help="adapter learning rate / the policy's (activation and gradient modes; default: 10)")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     from ..demo import run_demo
 
-    summary = run_demo(out=args.out, quick=args.quick, seed=args.seed)
+    summary = run_demo(out=args.out, quick=args.quick, seed=args.seed, mode=args.mode,
+                       adapter_lr_multiplier=args.adapter_lr_multiplier)
     print(summary["table"])
     print(f"\nrun directory: {args.out} (report.md, report.json, figures/, runs/*/gradroute.jsonl); "
           f"{summary['seconds']:.0f} s")

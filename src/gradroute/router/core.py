@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .. import projection as P
-from ..errors import AdapterError, ConfigError, EnvColumnError, GradrouteWarning, PrecisionError
+from ..errors import AdapterError, ConfigError, EnvColumnError, GradrouteWarning, PrecisionError, RoutingError
 from ..layers import LayerKey
 from ..model import unwrap_model
 from ..plan import RouteTarget, RoutingPlan
@@ -123,6 +123,13 @@ class GradientRouter:
         self.routes_state = [Route(t, modules[t.module], self.routing_subspace.basis(t.layer), self.precision)
                              for t in self.plan]
         self._by_name = {r.name: r for r in self.routes_state}
+        if mode_cls.weights_hold_adapter and not any(r.trainable() for r in self.routes_state):
+            raise RoutingError(
+                f"nothing trainable is routed: the {len(self.routes_state)} planned modules "
+                f"({', '.join(self.plan.modules[:3])}{', ...' if len(self.plan) > 3 else ''}) are frozen and carry "
+                "no trainable LoRA, so the adapter would stay empty.",
+                "put the LoRA on the routed modules (e.g. target_modules=[..., 'o_proj', 'down_proj']), "
+                "unfreeze them, or use mode='activation', which routes through the modules' outputs.")
         self.tolerance = self._check_precision(tolerance)
         self.steps = 0
         self.optimizer: torch.optim.Optimizer | None = None
@@ -197,7 +204,7 @@ class GradientRouter:
     def _check_optimizer(self, opt: torch.optim.Optimizer) -> None:
         """The optimizer must step this model's routed parameters (or the mode's adapters)."""
         stepped = {id(p) for g in opt.param_groups for p in g["params"]}
-        mine = [b.param for r in self.routes_state for b in r.blocks if b.param.requires_grad]
+        mine = [p for r in self.routes_state for p in r.trainable()]
         mine += self.mode_strategy.trainable_parameters()
         if mine and not any(id(p) in stepped for p in mine):
             raise ConfigError(

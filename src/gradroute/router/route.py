@@ -16,6 +16,7 @@ in RL (tiny updates) can exceed the in-subspace update being accounted.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,14 +27,19 @@ from ..plan import RouteTarget
 
 
 class CoordBlock:
-    """One parameter of a route, with its coordinates along ``axis``."""
+    """One parameter of a route, with its coordinates along ``axis``.
+
+    ``delta``: for a module wrapped by the user's PEFT LoRA, a function returning the LoRA's
+    current weight delta ``s·B·A`` in the parameter's layout; the block then reads the
+    *effective* weight ``W + s·B·A`` (what the policy computes with)."""
 
     CHUNK_BYTES = 64 << 20  # bound on the temporary copy when converting a weight to the bookkeeping dtype
 
-    def __init__(self, param: nn.Parameter, axis: int, route: Route):
+    def __init__(self, param: nn.Parameter, axis: int, route: Route, delta: Any = None):
         self.param = param
         self.axis = axis
         self.route = route
+        self.delta = delta
         self.ref0 = self.coords()
         self.adapter = torch.zeros_like(self.ref0)
         self.env: dict[str, torch.Tensor] = {}
@@ -52,8 +58,15 @@ class CoordBlock:
         parts = [P.coords(sl.to(dt), U, self.axis) for sl in self._slabs(x)]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1 - self.axis)
 
+    def effective(self) -> torch.Tensor:
+        """The parameter the module computes with (``W``, or ``W + s·B·A`` under a user LoRA)."""
+        if self.delta is None:
+            return self.param.detach()
+        with torch.no_grad():
+            return self.param.detach() + self.delta().to(self.param.dtype)
+
     def coords(self) -> torch.Tensor:
-        return self.coords_of(self.param)
+        return self.coords_of(self.effective())
 
     def lift(self, C: torch.Tensor) -> torch.Tensor:
         """``U C`` along the block's axis (bookkeeping dtype, the parameter's shape)."""
@@ -77,9 +90,9 @@ class CoordBlock:
         coordinates land); the exact re-read is what callers record."""
         x = self.param.data
         U = self.route.basis32()
-        fix = target.to(torch.float32) - P.coords(x, U, self.axis)
+        fix = target.to(torch.float32) - P.coords(self.effective(), U, self.axis)
         x.add_(P.lift(fix, U, self.axis).to(x.dtype))
-        return self.coords_of(x)
+        return self.coords()
 
     def share(self, env: str | None) -> torch.Tensor | None:
         """The adapter (``env=None``) or one environment's share (None if it has none)."""
@@ -88,6 +101,27 @@ class CoordBlock:
     def to(self, device: torch.device) -> None:
         self.ref0, self.adapter = self.ref0.to(device), self.adapter.to(device)
         self.env = {e: t.to(device) for e, t in self.env.items()}
+
+
+def user_lora_delta(module: nn.Module) -> Any:
+    """For a module wrapped by a PEFT LoRA: a function returning the sum of its active adapters'
+    weight deltas ``s·B·A`` (PEFT's own ``get_delta_weight``, in the base weight's layout); None
+    for a plain module."""
+    lora_A = getattr(module, "lora_A", None)
+    get = getattr(module, "get_delta_weight", None)
+    if not lora_A or get is None:
+        return None
+
+    def delta() -> torch.Tensor:
+        active = [a for a in getattr(module, "active_adapters", list(lora_A)) if a in lora_A]
+        if getattr(module, "merged", False) or not active:
+            return torch.zeros((), dtype=module.base_layer.weight.dtype)
+        return sum(get(a) for a in active)  # type: ignore[return-value]
+    return delta
+
+
+def trainable_lora_parameters(module: nn.Module) -> list[nn.Parameter]:
+    return [p for n, p in module.named_parameters() if "lora_" in n and p.requires_grad]
 
 
 class Route:
@@ -102,7 +136,8 @@ class Route:
         self.dtype = dtype
         self.U = P.refine_basis(U, dtype).to(self.weight.device)
         self._U32: torch.Tensor | None = None
-        self.blocks: list[CoordBlock] = [CoordBlock(self.weight, target.axis, self)]
+        self.lora = user_lora_delta(module)
+        self.blocks: list[CoordBlock] = [CoordBlock(self.weight, target.axis, self, self.lora)]
         if self.bias is not None:
             self.blocks.append(CoordBlock(self.bias, 0, self))
         self.version = self.versions()
@@ -138,6 +173,10 @@ class Route:
     # ------------------------------------------------------------------ weights
     def versions(self) -> tuple[int, ...]:
         return tuple(b.param._version for b in self.blocks)
+
+    def trainable(self) -> list[nn.Parameter]:
+        """What training moves in this module: its own parameters, or the user LoRA's."""
+        return [b.param for b in self.blocks if b.param.requires_grad] + trainable_lora_parameters(self.module)
 
     def adapters(self) -> list[torch.Tensor]:
         return [b.adapter for b in self.blocks]

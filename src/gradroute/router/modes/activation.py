@@ -280,7 +280,7 @@ class ActivationMode(RoutingMode):
 
     # ------------------------------------------------------------------ the adapter in the model
     def effective(self, block: CoordBlock) -> torch.Tensor:
-        return block.param.detach().to(block.route.dtype) + block.lift(block.adapter)
+        return block.effective().to(block.route.dtype) + block.lift(block.adapter)
 
     @torch.no_grad()
     def set_adapter(self, route: Route, adapters: list[torch.Tensor]) -> None:

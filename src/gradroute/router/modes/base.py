@@ -91,7 +91,7 @@ class RoutingMode:
 
     def effective(self, block: CoordBlock) -> torch.Tensor:
         """The parameter the model effectively uses, base + U A (bookkeeping dtype)."""
-        return block.param.detach().to(block.route.dtype)
+        return block.effective().to(block.route.dtype)
 
     def set_adapter(self, route: Route, adapters: list[torch.Tensor]) -> None:
         route.realize(adapters)
