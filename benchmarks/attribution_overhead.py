@@ -1,7 +1,8 @@
 """Attribution + monitor overhead on a GRPO step (TRL GRPOTrainer, 4 environments, CPU).
 
-Three variants of the same run: plain GRPO, GRPO + router only (``attach(env_column=None)``),
-and GRPO + router + per-environment attribution + monitor/log (``attach(env_column="env")``).
+Variants of the same run: plain GRPO, GRPO + router only (``attach(env_column=None)``),
+GRPO + router + per-environment attribution + monitor/log (``attach(env_column="env")``), and
+the same two in activation mode (``mode="activation"``).
 The variants run in alternation (A B C A B C ...) and each step's wall time is taken from
 ``on_step_begin`` to ``on_step_end``; the ratio is the median over rounds of
 median-step(variant) / median-step(plain) within the round. Also reported: the time spent inside gradroute's own step work.
@@ -63,7 +64,8 @@ def run(variant: str, *, d: int, layers: int, steps: int, gens: int, length: int
     sub = gr.Subspace.from_directions({L: torch.randn(k, d, generator=g) for L in range(layers)})
     inner = 0.0
     if variant != "plain":
-        handle = gr.attach(trainer, sub, env_column="env" if variant == "attributed" else None)
+        mode = "activation" if variant.startswith("activation") else "update"
+        handle = gr.attach(trainer, sub, env_column="env" if variant.endswith("attributed") else None, mode=mode)
         step = handle.router.step
 
         def timed(*a, **kw):
@@ -86,9 +88,10 @@ def main(argv=None) -> dict[str, float]:
     size = dict(d=64, layers=2, steps=3, gens=4, length=8, k=2) if a.quick else \
         dict(d=256, layers=4, steps=10, gens=8, length=32, k=16)
     rounds = 1 if a.quick else a.rounds
-    times: dict[str, list[float]] = {"plain": [], "routed": [], "attributed": []}
-    per_round: dict[str, list[float]] = {"plain": [], "routed": [], "attributed": []}
-    inner: dict[str, list[float]] = {"routed": [], "attributed": []}
+    variants = ("plain", "routed", "attributed", "activation", "activation+attributed")
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    per_round: dict[str, list[float]] = {v: [] for v in variants}
+    inner: dict[str, list[float]] = {v: [] for v in variants[1:]}
     for _ in range(rounds):
         for variant in times:
             t, i = run(variant, **size)

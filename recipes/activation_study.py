@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 path.write_text(json.dumps(results, indent=1))
     summary = summarize(results)
     (out / "summary.md").write_text(summary)
+    figure(results, out / "activation_study.png")
     print(summary)
     return results
 
@@ -171,6 +172,30 @@ def summarize(results: dict[str, Any]) -> str:
     before = [s["before"][EXPLOITABLE]["hack"] for s in seeds]
     lines.append(f"\nBefore RL: arith hack {_med(before)}; {len(seeds)} seed(s).")
     return "\n".join(lines) + "\n"
+
+
+def figure(results: dict[str, Any], path: Path) -> Path:
+    """Arith hack rate after RL and after discard, per arm: median over seeds, bars = range."""
+    from gradroute.report import _plt, save_figure
+
+    plt = _plt()
+    seeds = list(results["seeds"].values())
+    arms = list(dict.fromkeys(a for s in seeds for a in s["arms"]))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(arms) + 2), 3.8))
+    for j, (key, label, colour) in enumerate((("after", "after RL", "tab:orange"),
+                                               ("discarded", "after discarding the adapter", "tab:green"))):
+        vals = [[s["arms"][a][key][EXPLOITABLE]["hack"] for s in seeds if a in s["arms"]] for a in arms]
+        med = [statistics.median(v) for v in vals]
+        lo = [m - min(v) for m, v in zip(med, vals)]
+        hi = [max(v) - m for m, v in zip(med, vals)]
+        xs = [i + (j - 0.5) * 0.38 for i in range(len(arms))]
+        ax.bar(xs, med, 0.38, yerr=[lo, hi], capsize=3, label=label, color=colour)
+    ax.set_xticks(range(len(arms)), [a.replace("activation/", "act/").replace("random-", "rand-") for a in arms],
+                  rotation=30, ha="right", fontsize=8)
+    ax.set(ylabel=f"{EXPLOITABLE} hack rate", ylim=(0, 1.05),
+           title=f"{EXPLOITABLE} (exploitable): hack rate, median over {len(seeds)} seeds (bars: range)")
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
 
 
 if __name__ == "__main__":

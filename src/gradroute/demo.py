@@ -112,7 +112,7 @@ def _rl(base_dir: Path, out: Path, cfg: DemoConfig, subspace, policy, seed: int,
 
 
 DEFAULT_MODE = "activation"
-DEFAULT_MULTIPLIER = 10.0
+DEFAULT_MULTIPLIER = 30.0
 
 
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, progress: bool = True,
@@ -232,8 +232,10 @@ def _table(s: dict[str, Any], markdown: bool = False) -> str:
             ("after RL", lambda e: runs["none"]["after"][e])]
     if mode != "update":
         cols += [(f"after RL [{tag}]", lambda e: runs["persona"]["after"][e])]
-    cols += [(f"discard persona [{tag}]", lambda e: runs["persona"]["discarded"][e]),
-             (f"discard random [{tag}]", lambda e: runs["random"]["discarded"][e])]
+    cols += [(f"discard persona [{tag}]", lambda e: runs["persona"]["discarded"][e])]
+    if mode != "update":
+        cols += [(f"after RL random [{tag}]", lambda e: runs["random"]["after"][e])]
+    cols += [(f"discard random [{tag}]", lambda e: runs["random"]["discarded"][e])]
     if "persona_update" in runs:
         cols += [("discard persona [upd]", lambda e: runs["persona_update"]["discarded"][e])]
     cols += [
@@ -282,8 +284,10 @@ def _rates_figure(s: dict[str, Any], out: Path) -> list[Path]:
     runs = s["runs"]
     tag = s.get("mode", "update")
     stages = [("before", s["rates"]["before"]), ("after RL (unrouted)", runs["none"]["after"]),
-              (f"discard persona ({tag})", runs["persona"]["discarded"]),
-              (f"discard random ({tag})", runs["random"]["discarded"])]
+              (f"discard persona ({tag})", runs["persona"]["discarded"])]
+    if tag != "update":
+        stages.append((f"after RL, random ({tag})", runs["random"]["after"]))
+    stages.append((f"discard random ({tag})", runs["random"]["discarded"]))
     if "persona_update" in runs:
         stages.append(("discard persona (update)", runs["persona_update"]["discarded"]))
     stages.append(("halt+fix", runs["halt_and_fix"].get("after_fix") or runs["halt_and_fix"]["at_halt"]))

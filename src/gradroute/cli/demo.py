@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="routing mode of the persona and random arms (default: activation, which isolates; "
                         "an update-mode persona arm always runs too)")
     p.add_argument("--adapter-lr-multiplier", type=float, default=None,
-                   help="adapter learning rate / the policy's (activation and gradient modes; default: 10)")
+                   help="adapter learning rate / the policy's (activation and gradient modes; default: 30, from the toy-world sweep)")
     p.set_defaults(func=_run)
 
 

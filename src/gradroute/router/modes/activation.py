@@ -88,7 +88,7 @@ class ActivationMode(RoutingMode):
     name = "activation"
     weights_hold_adapter = False
     captures_gradients = True
-    default_lr_multiplier = 10.0
+    default_lr_multiplier = 30.0
 
     # ------------------------------------------------------------------ plan
     @classmethod
