@@ -132,3 +132,84 @@ def test_tied_embeddings_are_refused():
     sub = gr.Subspace.from_directions({-1: torch.randn(1, 64), 1: torch.randn(1, 64)})
     with pytest.raises(RoutingError, match="tied to the output head"):
         gr.GradientRouter(model, sub, embeddings=True)
+
+
+def _lora_policy_run(mode, arch="llama", steps=5):
+    import gradroute as gr
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = tiny_lm(arch)
+    targets = ["q_proj", "o_proj", "down_proj"] if arch == "llama" else ["c_attn", "c_proj"]
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0,
+                                          fan_in_fan_out=arch == "gpt2", task_type="CAUSAL_LM"))
+    g = torch.Generator().manual_seed(0)
+    sub = gr.Subspace.from_directions({1: torch.randn(2, 64, generator=g), 2: torch.randn(1, 64, generator=g)})
+    router = gr.GradientRouter(pm, sub, mode=mode, route_bias=False if mode == "update" else None)
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=5e-3)
+    router.bind_optimizer(opt)
+    for i in range(steps):
+        x = torch.randint(3, 100, (4, 12), generator=g)
+        pm(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        router.step(env_weights={"a": 0.7, "b": 0.3})
+        opt.zero_grad()
+    return pm, router
+
+
+@pytest.mark.parametrize(("mode", "arch"), [("update", "llama"), ("update", "gpt2"), ("activation", "llama")])
+def test_save_discarded_lora_policy_is_plain_peft_on_the_unchanged_base(tmp_path, mode, arch):
+    """save_discarded + plain PEFT reproduces trained-minus-persona; with the persona adapter
+    beside it, the trained policy."""
+    from peft import PeftModel
+
+    from gradroute.integrations.discard import save_discarded
+
+    pm, router = _lora_policy_run(mode, arch)
+    x = torch.randint(3, 100, (2, 10), generator=torch.Generator().manual_seed(5))
+    trained = pm(input_ids=x).logits.detach()
+    assert router.adapter_norm().total > 0
+    save_discarded(router, tmp_path / "discarded")
+    save_discarded(router, tmp_path / "discarded_b", env="b")
+    router.save_adapter(tmp_path / "persona", base="none")
+    router.discard("b")
+    minus_b = pm(input_ids=x).logits.detach()
+    router.discard()
+    minus_persona = pm(input_ids=x).logits.detach()
+    assert not torch.allclose(trained, minus_persona, atol=1e-4)
+
+    def fresh():
+        return tiny_lm(arch)[0]  # the unchanged base (same seed as the policy's)
+
+    loaded = PeftModel.from_pretrained(fresh(), str(tmp_path / "discarded"))
+    assert torch.allclose(loaded(input_ids=x).logits, minus_persona, atol=1e-5)
+    loaded_b = PeftModel.from_pretrained(fresh(), str(tmp_path / "discarded_b"))
+    assert torch.allclose(loaded_b(input_ids=x).logits, minus_b, atol=1e-5)
+    # the discarded policy + the persona adapter = the trained policy
+    both = PeftModel.from_pretrained(fresh(), str(tmp_path / "discarded"), adapter_name="policy")
+    both.load_adapter(str(tmp_path / "persona"), adapter_name="persona")
+    both.base_model.set_adapter(["policy", "persona"])
+    assert torch.allclose(both(input_ids=x).logits, trained, atol=1e-5)
+
+
+def test_save_discarded_full_model(tmp_path):
+    import gradroute as gr
+    from transformers import AutoModelForCausalLM
+
+    from gradroute.integrations.discard import save_discarded
+
+    model, _ = tiny_lm("gpt2")
+    g = torch.Generator().manual_seed(0)
+    sub = gr.Subspace.from_directions({1: torch.randn(2, 64, generator=g)})
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    router = gr.GradientRouter(model, sub, optimizer=opt)
+    for _ in range(3):
+        x = torch.randint(3, 100, (4, 12), generator=g)
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        router.step()
+        opt.zero_grad()
+    save_discarded(router, tmp_path / "full")
+    x = torch.randint(3, 100, (2, 10), generator=g)
+    router.discard()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "full")
+    assert torch.allclose(loaded(input_ids=x).logits, model(input_ids=x).logits, atol=1e-5)

@@ -162,6 +162,15 @@ class Handle:
     def save_adapter(self, path: str | Path, env: str | None = None, base: str = "modules") -> Path:
         return self.router.save_adapter(path, env=env, base=base)
 
+    def save_discarded(self, path: str | Path, env: str | None = None,
+                       base_model_name_or_path: str | None = None) -> Path:
+        """Write the trained policy minus the persona adapter (or one environment's share):
+        a plain PEFT LoRA on the unchanged base for a LoRA policy, a full model otherwise
+        (see :mod:`gradroute.integrations.discard`)."""
+        from .discard import save_discarded
+
+        return save_discarded(self.router, path, env=env, base_model_name_or_path=base_model_name_or_path)
+
     def discard(self, env: str | None = None) -> float:
         return self.router.discard(env)
 

@@ -149,11 +149,14 @@ class ActivationMode(RoutingMode):
             container.coords[_Adapters.key(r.name)] = p
             self.params[r.name] = p
             self.prev[r.name] = r.blocks[0].adapter.clone()
-            self.pinned.append(r.blocks[0])
-            wm_bias = getattr(r.module if not hasattr(r.module, "base_layer") else r.module.base_layer, "bias", None)
-            if isinstance(wm_bias, nn.Parameter):
-                self.pinned.append(CoordBlock(wm_bias, 0, r))
+            # the user's LoRA B first (the weight block reads W + s·B·A), then the module's own
+            # trainable parameters; frozen ones never move, so they are never touched
             self.pinned += self._user_lora_blocks(r)
+            if r.weight.requires_grad:
+                self.pinned.append(r.blocks[0])
+            wm_bias = getattr(r.module if not hasattr(r.module, "base_layer") else r.module.base_layer, "bias", None)
+            if isinstance(wm_bias, nn.Parameter) and wm_bias.requires_grad:
+                self.pinned.append(CoordBlock(wm_bias, 0, r))
         base.add_module(ADAPTERS_ATTR, container)
         # saved models hold the base; the adapter is saved as a PEFT LoRA (and in checkpoints'
         # router state), so keep its parameters out of save_pretrained's state dict

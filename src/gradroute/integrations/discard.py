@@ -1,0 +1,146 @@
+"""The trained policy minus the persona adapter, written as something plain tools load.
+
+- **Full fine-tune**: a full ``save_pretrained`` model whose routed weights are the effective
+  weights minus the adapter (``W − U A``, or ``W − U A_env`` for one environment's share).
+- **LoRA policy** (``GRPOTrainer(peft_config=...)`` or a ``PeftModel``): one plain PEFT LoRA on
+  the *unchanged* base model. At a routed module whose user LoRA is ``s·B·A`` and whose
+  persona adapter is ``U C`` (in PEFT's layout ``B_p A_p``, see :mod:`gradroute.orientation`),
+  the discarded module is the rank-(r + k) concatenation
+
+      B' = [s·B, −B_p],  A' = [A; A_p],  scaling 1   ⇒   B'A' = s·B·A − U C
+
+  (in activation mode the persona adapter is a separate path, so the user's LoRA *is* the
+  discarded policy; dropping one environment's share keeps ``U (C − C_env)`` beside it).
+  Other modules keep the user's LoRA unchanged (``rank_pattern``/``alpha_pattern``).
+
+``PeftModel.from_pretrained(base, path)`` then reproduces "trained minus persona" to float
+round-off, and loading the persona adapter (``save_adapter(..., base="none")``) beside it gives
+the trained policy back.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .. import _io
+from ..errors import AdapterError
+from ..model import unwrap_model
+
+if TYPE_CHECKING:
+    from ..router import GradientRouter
+
+
+def _peft_model(model: Any) -> Any:
+    """The ``PeftModel`` around the policy, or None for a full fine-tune."""
+    m = model
+    for _ in range(4):
+        if hasattr(m, "peft_config") and hasattr(m, "get_base_model"):
+            return m
+        inner = getattr(m, "module", None)
+        if inner is None:
+            return None
+        m = inner
+    return None
+
+
+@torch.no_grad()
+def save_discarded(router: GradientRouter, path: str | Path, env: str | None = None,
+                   base_model_name_or_path: str | None = None) -> Path:
+    """Write the trained policy minus the persona adapter (or minus one environment's share)."""
+    from ..distributed import is_main_process
+
+    path = Path(path)
+    if not is_main_process():
+        return path
+    if env is not None and env not in router.envs:
+        raise AdapterError(f"no adapter share for environment {env!r}; environments: {router.envs}.",
+                           "pass one of router.envs, or env=None for the whole adapter.")
+    pm = _peft_model(router.model)
+    if pm is None:
+        return _save_full(router, path, env)
+    return _save_lora(router, pm, path, env, base_model_name_or_path)
+
+
+def _save_full(router: GradientRouter, path: Path, env: str | None) -> Path:
+    model = unwrap_model(router.model)
+    sd = {k: v for k, v in model.state_dict().items() if "gradroute_adapters" not in k}
+    # what the policy computes minus the adapter's (env) share: effective − U A_env
+    for t in router.plan:
+        r = router._route(t.module)
+        sd[f"{t.module}.weight"] = router.base_weight(t.module, env).to(r.weight.dtype)
+        if len(r.blocks) > 1 and r.bias is not None:
+            sd[f"{t.module}.bias"] = router.base_bias(t.module, env).to(r.bias.dtype)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(path), state_dict=sd)
+    _io.write_json(path / "gradroute_discarded.json", {"format": "gradroute.discarded", "kind": "full",
+                                                      "env": env, "mode": router.mode, "steps": router.steps})
+    return path
+
+
+def _save_lora(router: GradientRouter, pm: Any, path: Path, env: str | None, base_name: str | None) -> Path:
+    from peft import get_peft_model_state_dict
+
+    name = getattr(pm, "active_adapter", "default")
+    name = name[0] if isinstance(name, list | tuple) else name
+    cfg = pm.peft_config[name]
+    user = {k: v.detach().clone() for k, v in get_peft_model_state_dict(pm, adapter_name=name).items()}
+    modules = dict(unwrap_model(router.model).named_modules())
+    keep_persona = router.mode == "activation"  # the persona path is separate: the user's LoRA is the base policy
+    extra: dict[str, int] = {}
+    for t in router.plan:
+        C = router.adapter_coords(t.module) if env is None else router.adapter_coords(t.module, env)
+        if keep_persona:
+            if env is None:
+                continue
+            C = router.adapter_coords(t.module) - router.adapter_coords(t.module, env)  # what stays beside the LoRA
+            sign = 1.0
+        else:
+            sign = -1.0
+        parts = t.orientation.lora_tensors(C.float().cpu(), router.basis(t.module).float().cpu())
+        key = f"base_model.model.{t.module}"
+        mod = modules[t.module]
+        scaling = float(getattr(mod, "scaling", {}).get(name, 1.0)) if hasattr(mod, "scaling") else 1.0
+        k = t.rank
+        if t.side == "embed":
+            a_key, b_key = f"{key}.lora_embedding_A", f"{key}.lora_embedding_B"
+            pa, pb = parts["lora_embedding_A"], parts["lora_embedding_B"]
+        else:
+            a_key, b_key = f"{key}.lora_A.weight", f"{key}.lora_B.weight"
+            pa, pb = parts["lora_A.weight"], parts["lora_B.weight"]
+        if a_key in user:
+            A_u, B_u = user[a_key].float().cpu(), user[b_key].float().cpu()
+            user[a_key] = torch.cat([A_u, pa], dim=0)
+            user[b_key] = torch.cat([scaling * B_u, sign * pb], dim=1)
+            extra[t.module] = A_u.shape[0] + k
+        else:  # a routed module without the user's LoRA (full weights trained there)
+            user[a_key], user[b_key] = pa, sign * pb
+            extra[t.module] = k
+        if sign < 0 and len(router._route(t.module).blocks) > 1:
+            raise AdapterError(f"{t.module!r}: the persona adapter has a bias part, which a bias-free LoRA "
+                               "cannot subtract.", "route with route_bias=False for LoRA policies.")
+    path.mkdir(parents=True, exist_ok=True)
+    d = cfg.to_dict()
+    targets = set(d.get("target_modules") or [])
+    if isinstance(d.get("target_modules"), str):
+        targets = {d["target_modules"]}
+    ranks = dict(d.get("rank_pattern") or {})
+    alphas = dict(d.get("alpha_pattern") or {})
+    for m, r_new in extra.items():
+        pat = re.escape(m)  # PEFT matches "(.*\\.)?(pattern)$" against the module name
+        ranks[pat], alphas[pat] = r_new, r_new  # scaling 1 on the concatenated modules
+        targets.add(m)
+    d.update(target_modules=sorted(targets), rank_pattern=ranks, alpha_pattern=alphas,
+             task_type=d.get("task_type") or "CAUSAL_LM", use_rslora=False,
+             base_model_name_or_path=base_name or d.get("base_model_name_or_path"))
+    d = {k: (sorted(v) if isinstance(v, set) else v) for k, v in d.items()}
+    (path / "adapter_config.json").write_text(json.dumps(d, indent=2, default=str))
+    _io.save_tensors(path / "adapter_model.safetensors", {k: v.contiguous() for k, v in user.items()})
+    _io.write_json(path / "gradroute_discarded.json", {"format": "gradroute.discarded", "kind": "lora",
+                                                      "env": env, "mode": router.mode, "steps": router.steps,
+                                                      "concatenated_modules": sorted(extra)})
+    return path
