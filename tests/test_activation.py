@@ -222,6 +222,13 @@ def test_bad_input_in_activation_mode():
     opt.step()
     with pytest.raises(ConfigError, match="created before the router"):
         router.step()
+    # one activation router per model; detach takes its adapters off the model
+    with pytest.raises(ConfigError, match="already has activation-routing adapters"):
+        gr.GradientRouter(model, sub, mode="activation")
+    router.detach()
+    assert not hasattr(model, ADAPTERS_ATTR)
+    assert torch.equal(model(input_ids=x).logits, model(input_ids=x).logits)
+    gr.GradientRouter(model, sub, mode="activation")
 
 
 def test_unfindable_residual_writes_are_named():

@@ -149,7 +149,7 @@ class GradientRouter:
 
             self.attribution = Attribution(
                 base, self.routes_state, self.environments,
-                probes={L: subspace.basis(L) for L in subspace.layers if L in set(self.plan.layers) or mode == "activation"},
+                probes=self.mode_strategy.probe_layers(),
                 betas=self._update_betas, capture=self.mode_strategy.captures_gradients is False)
             self.mode_strategy.attribution_ready(self.attribution)
         if optimizer is not None:

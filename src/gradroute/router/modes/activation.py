@@ -160,9 +160,8 @@ class ActivationMode(RoutingMode):
         base.add_module(ADAPTERS_ATTR, container)
         # saved models hold the base; the adapter is saved as a PEFT LoRA (and in checkpoints'
         # router state), so keep its parameters out of save_pretrained's state dict
-        keys = [f"{ADAPTERS_ATTR}.coords.{k}" for k in container.coords]
-        ignore = list(getattr(base, "_keys_to_ignore_on_save", None) or [])
-        base._keys_to_ignore_on_save = ignore + [k for k in keys if k not in ignore]
+        keys = {f"{ADAPTERS_ATTR}.coords.{k}" for k in container.coords}
+        base._keys_to_ignore_on_save = set(getattr(base, "_keys_to_ignore_on_save", None) or ()) | keys
         self.container = container
         self.nonzero = False
         self.attribution: Any = None
@@ -191,6 +190,10 @@ class ActivationMode(RoutingMode):
                 blk.ref0 = blk.coords()
         route.version = route.versions()
 
+    def probe_layers(self) -> dict[Any, torch.Tensor]:
+        # the routes use the cumulative spans; the monitor watches the persona layers themselves
+        return {L: self.router.subspace.basis(L) for L in self.router.subspace.layers}
+
     def attribution_ready(self, attribution: Any) -> None:
         self.attribution = attribution
 
@@ -207,9 +210,16 @@ class ActivationMode(RoutingMode):
         self._checked_optimizer = True
 
     def remove(self) -> None:
+        """Take the hooks and the adapters' container off the model (the router keeps the
+        adapter's coordinates, so it can still be saved as a PEFT LoRA)."""
         for h in self.handles:
             h.remove()
         self.handles = []
+        base = unwrap_model(self.router.model)
+        if getattr(base, ADAPTERS_ATTR, None) is self.container:
+            delattr(base, ADAPTERS_ATTR)
+            keys = {f"{ADAPTERS_ATTR}.coords.{k}" for k in self.container.coords}
+            base._keys_to_ignore_on_save = set(base._keys_to_ignore_on_save or ()) - keys
 
     # ------------------------------------------------------------------ forward hook
     def _hook(self, r: Route):

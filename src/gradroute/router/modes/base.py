@@ -57,6 +57,11 @@ class RoutingMode:
     def setup(self) -> None:
         """Called once the routes exist."""
 
+    def probe_layers(self) -> dict[Any, torch.Tensor]:
+        """Layers (and bases) whose activation projections attribution records per environment."""
+        routed = set(self.router.plan.layers)
+        return {L: self.router.subspace.basis(L) for L in self.router.subspace.layers if L in routed}
+
     def attribution_ready(self, attribution: Any) -> None:
         """Called once per-environment attribution is set up."""
 
