@@ -259,3 +259,31 @@ def test_state_round_trip_in_activation_mode(tmp_path):
     twin = gr.GradientRouter.from_state(twin_model, tmp_path / "st")
     assert twin.mode == "activation" and twin.steps == 3
     assert torch.allclose(twin_model(input_ids=x).logits, ref, atol=1e-6)
+
+
+def test_single_environment_micro_batches_read_the_adapters_own_gradients():
+    """The fast path (adapter .grad increments) gives the same per-environment gradients and
+    shares as the token hooks."""
+    shares = []
+    for fast in (True, False):
+        model, _ = tiny_lm("llama")
+        sub = _subspace()
+        router = gr.GradientRouter(model, sub, mode="activation", attribution=True)
+        if not fast:
+            router.attribution._param_of = {}
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        router.bind_optimizer(opt)
+        recs = []
+        for i in range(3):
+            for j, env in enumerate(("a", "b", "a")):  # gradient accumulation, one env per micro-batch
+                x = _batch(seed=10 * i + j)
+                with router.attribution.batch([env] * 4):
+                    (model(input_ids=x, labels=x).loss - 0.1 * _persona_loss(model, sub, x, [1, 2])).backward()
+            opt.step()
+            recs.append(router.step())
+            opt.zero_grad()
+        shares.append([r.env_share for r in recs])
+        assert set(recs[-1].attribution.grad_norm) == {"a", "b"}
+    for fast, slow in zip(*shares):
+        for e in slow:
+            assert fast[e] == pytest.approx(slow[e], abs=1e-5)

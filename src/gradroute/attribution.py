@@ -117,6 +117,9 @@ class Attribution:
         self._v: dict[str, torch.Tensor] = {}
         self._t = 0
         self._handles: list[Any] = []
+        self._param_of: dict[str, torch.nn.Parameter] = {}
+        self._last_grad: dict[str, torch.Tensor] = {}
+        self._single_env: int | None = None
         self._install(capture, activations)
 
     # ------------------------------------------------------------------ environments
@@ -220,9 +223,39 @@ class Attribution:
         ``output`` (computed from input ``x``), by environment."""
         if not (self._active(module) and torch.is_tensor(output) and output.requires_grad) or x is None:
             return
-        x = x.detach()
         env = self._ctx
+        if route.name in self._param_of:
+            single = env is not None and env.numel() > 0 and bool((env == env[0]).all()) and world_size() == 1
+            self._single_env = int(env[0]) if single else None
+            if single:  # read off the adapter's own gradient after the backward (see use_parameter_gradients)
+                return
+        x = x.detach()
         output.register_hook(lambda g: self._backward(route, x, g.detach(), env))
+
+    def use_parameter_gradients(self, params: dict[str, torch.nn.Parameter]) -> None:
+        """Routes whose adapter coordinates are these trainable parameters (activation mode):
+        when a micro-batch holds a single environment, that environment's gradient is exactly
+        the parameter's gradient increment in the backward pass, so it is read off ``.grad``
+        (one subtraction per parameter) instead of contracted token by token. Mixed micro-batches
+        and multi-process runs use the token hooks."""
+        self._param_of = dict(params)
+        for name, p in params.items():
+            self._handles.append(p.register_post_accumulate_grad_hook(lambda p, name=name: self._param_grad(name, p)))
+
+    @torch.no_grad()
+    def _param_grad(self, name: str, p: torch.nn.Parameter) -> None:
+        if p.grad is None:
+            return
+        g = p.grad.detach()
+        last = self._last_grad.get(name)
+        delta = g if last is None else g - last
+        self._last_grad[name] = g.clone()
+        e = self._single_env
+        if e is None:
+            return  # the token hooks captured this backward
+        acc = self._G[name]
+        delta = delta.float()
+        acc[e] = acc[e] + delta if e in acc else delta.clone()
 
     @torch.no_grad()
     def _backward(self, route: Route, x: torch.Tensor, g: torch.Tensor, env: torch.Tensor | None) -> None:
@@ -376,6 +409,7 @@ class Attribution:
         """Forget what was captured for a step the optimizer skipped."""
         for d in (self._G, self._Gb, self._act, self._act_tokens):
             d.clear()
+        self._last_grad.clear()
         self._rows.clear()
         self._pending, self._pending_act, self._pending_rows = [], [], 0
         self._ctx = None
@@ -507,6 +541,7 @@ class Attribution:
                     step.activation_norm.setdefault(self.vocab[e], {})[L] = math.sqrt(sum(x * x for x in mean))
         for d in (self._G, self._Gb, self._act, self._act_tokens):
             d.clear()
+        self._last_grad.clear()  # the optimizer step is followed by zero_grad
         self._rows.clear()
         self._rewards.clear()
         self._ctx = None

@@ -196,6 +196,7 @@ class ActivationMode(RoutingMode):
 
     def attribution_ready(self, attribution: Any) -> None:
         self.attribution = attribution
+        attribution.use_parameter_gradients(self.params)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.params.values())
