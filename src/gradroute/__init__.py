@@ -30,12 +30,17 @@ _LAZY = {
     "attach_anchoring": "gradroute.integrations.trl",
     "Anchoring": "gradroute.anchoring",
     "Dopesheet": "gradroute.anchoring",
+    "ConceptAblation": "gradroute.comparators",
+    "ActivationPenalty": "gradroute.comparators",
+    "PreventativeSteering": "gradroute.comparators",
+    "attach_comparator": "gradroute.integrations.trl",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from .attribution import Attribution
     from .anchoring import Anchoring, Dopesheet
-    from .integrations.trl import Handle, attach, attach_anchoring
+    from .comparators import ActivationPenalty, ConceptAblation, PreventativeSteering
+    from .integrations.trl import Handle, attach, attach_anchoring, attach_comparator
     from .monitor import DriftMonitor, last_clean_checkpoint, load_log
     from .plan import RoutingPlan, build_plan
     from .policy import HaltPolicy

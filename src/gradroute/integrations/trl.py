@@ -401,3 +401,23 @@ def attach_anchoring(trainer: Any, anchoring: Any, label_column: str = "concepts
 
     _insert_callback(trainer, AnchoringLogs())
     return anchoring
+
+
+def attach_comparator(trainer: Any, comparator: Any) -> Any:
+    """Put a training-time comparator (:mod:`gradroute.comparators`: CAFT ablation, one-sided
+    activation penalty, preventative steering) into a TRL / transformers trainer: its hooks go
+    on the trainer's model and its loss term (the penalty's) is added in ``compute_loss``.
+    Returns the comparator; ``comparator.remove()`` takes it off for inference."""
+    comparator.attach(trainer.model)
+
+    def add_loss(out: Any, value: Any, inputs: Any, kwargs: Any) -> Any:
+        term = comparator.loss()
+        if isinstance(term, float) and term == 0.0:
+            return out
+        if isinstance(out, tuple):
+            return (out[0] + term, *out[1:])
+        return out + term
+
+    wrap_compute_loss(trainer, "_gradroute_comparator", after=add_loss, pop=False)
+    return comparator
+
