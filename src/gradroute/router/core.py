@@ -138,7 +138,7 @@ class GradientRouter:
         self._hooks: list[Any] = []
         self.observers: list[Any] = []  # objects with .observe(record); see subscribe()
         self.environments = Environments(envs)
-        self.env_split = EnvSplit(self.routes_state)
+        self.env_split = EnvSplit(self.routes_state, self.environments)
         self.mode_strategy: RoutingMode = mode_cls(self, {
             "adapter_lr": adapter_lr, "adapter_lr_multiplier": float(adapter_lr_multiplier),
             "adapter_weight_decay": adapter_weight_decay, "adapter_betas": adapter_betas})

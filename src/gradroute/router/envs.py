@@ -24,7 +24,8 @@ UNATTRIBUTED = "_unattributed"
 
 
 class Environments:
-    """Environment names in first-seen (or declared) order; ``fixed`` refuses new names."""
+    """The environment list: names in first-seen (or declared) order, plus the reserved
+    ``_unattributed`` once an update has no environment. ``fixed`` refuses new user names."""
 
     def __init__(self, names: Sequence[Any] | None = None):
         self.names: list[str] = []
@@ -36,6 +37,7 @@ class Environments:
                                   "give each environment one name.")
             self._check_name(n)
             self.names.append(n)
+        self.unattributed = False  # whether _unattributed holds a share
 
     @staticmethod
     def _check_name(name: str) -> None:
@@ -58,6 +60,17 @@ class Environments:
             self.names.append(name)
             return len(self.names) - 1
 
+    def register(self, name: str) -> None:
+        """A name that received an adapter share (``_unattributed`` included)."""
+        if name == UNATTRIBUTED:
+            self.unattributed = True
+        elif name not in self.names:
+            self.names.append(name)  # explicit env_weights may name environments attribution never saw
+
+    def all(self) -> list[str]:
+        """Every name that can hold a share, ``_unattributed`` first."""
+        return ([UNATTRIBUTED] if self.unattributed else []) + self.names
+
     def __len__(self) -> int:
         return len(self.names)
 
@@ -68,9 +81,15 @@ class Environments:
 class EnvSplit:
     """Per-environment shares of the adapter, kept in the routes' coordinate blocks."""
 
-    def __init__(self, routes: list[Route]):
+    def __init__(self, routes: list[Route], environments: Environments):
         self.routes = routes
-        self.split_envs: list[str] = []  # environments holding a share, in order of first share
+        self.environments = environments
+
+    @property
+    def split_envs(self) -> list[str]:
+        """Environments holding a share of the adapter (in the environment list's order)."""
+        held = {e for r in self.routes for e in r.blocks[0].env}
+        return [e for e in self.environments.all() if e in held]
 
     def parse(self, env_weights: Mapping[str, Any] | None) -> dict[str, dict[str, float]] | None:
         """``{env: share}`` or ``{env: {module: share}}`` → per-module shares summing to exactly 1."""
@@ -124,8 +143,7 @@ class EnvSplit:
                     b.env[env] = b.env[env] + d * s if env in b.env else d * s
         for r in self.routes:
             for env in r.blocks[0].env:
-                if env not in self.split_envs:
-                    self.split_envs.append(env)
+                self.environments.register(env)
 
     def drop(self, env: str | None) -> None:
         """Forget the shares (all, or one environment's)."""
@@ -135,7 +153,6 @@ class EnvSplit:
                     b.env.clear()
                 else:
                     b.env.pop(env, None)
-        self.split_envs = [] if env is None else [e for e in self.split_envs if e != env]
 
     def adapter_shares(self) -> dict[str, float]:
         """Who built the current adapter: ``⟨A_e, A⟩ / ‖A‖²`` per environment (sums to 1)."""

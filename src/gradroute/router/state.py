@@ -18,6 +18,7 @@ import torch
 
 from .. import _io
 from ..errors import AdapterError, FileFormatError, GradrouteWarning
+from .envs import UNATTRIBUTED
 
 if TYPE_CHECKING:
     from .core import GradientRouter
@@ -103,10 +104,9 @@ def load_state_dict(router: GradientRouter, tensors: Mapping[str, torch.Tensor],
                 for b in r.blocks:
                     b.ref0 = b.coords() - (b.adapter if router.mode_strategy.weights_hold_adapter else 0)
             r.version = r.versions()
-    router.env_split.split_envs = envs
-    for e in meta.get("env_vocab", []):
-        if e not in router.environments.names and not router.environments.fixed:
-            router.environments.index(e)
+    for e in list(meta.get("env_vocab", [])) + envs:
+        if e == UNATTRIBUTED or e not in router.environments.names:
+            router.environments.register(e)
     router.steps = int(meta.get("steps", 0))
     if router.attribution is not None and meta.get("attribution"):
         router.attribution.load_state_dict(
