@@ -65,6 +65,11 @@ def test_readme_blocks_run(tmp_path):
         assert halts[0]["step"] > 1 and halts[0]["top_envs"][0][0] == "bang"
         clean = gr.last_clean_checkpoint(tmp_path / "runs" / "grpo")
         assert clean is not None and clean.is_dir() and int(clean.name.rsplit("-", 1)[1]) < halts[0]["step"]
+    # the report of that run went where it was told, with its figures linked
+    text = (tmp_path / "grpo-report" / "report.md").read_text()
+    assert "halted" in text or "no halt" in text
+    assert "](figures/adapter_norm.png)" in text and (tmp_path / "grpo-report" / "figures" / "adapter_norm.png").is_file()
+    assert not (tmp_path / "runs" / "grpo" / "report.md").exists()
     # the recipe block learns: a non-zero adapter built by the environments, not "_unattributed"
     summary = json.loads((tmp_path / "runs" / "grpo_tiny" / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["adapter_norm"] > 0
