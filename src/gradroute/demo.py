@@ -127,7 +127,7 @@ def _library_noise_off():
 
     tf_log = transformers.utils.logging
     verbosity, bars = tf_log.get_verbosity(), tf_log.is_progress_bar_enabled()
-    ds_bars = datasets.utils.logging.is_progress_bar_enabled() if hasattr(datasets.utils.logging, "is_progress_bar_enabled") else None
+    ds_bars = datasets.utils.logging.is_progress_bar_enabled()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -180,7 +180,7 @@ def pretrain(cfg: DemoConfig, seed: int = 0, progress: bool = True):
     model.train()
     loss = torch.zeros(())
     ticker = _Ticker("pre-training", steps, progress)
-    for i in range(steps):
+    for step in range(steps):
         idx = torch.randint(0, len(texts), (32,), generator=g).tolist()
         enc = tok([texts[i] + tok.eos_token for i in idx], return_tensors="pt", padding=True)
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
@@ -189,7 +189,7 @@ def pretrain(cfg: DemoConfig, seed: int = 0, progress: bool = True):
         loss.backward()
         opt.step()
         sched.step()
-        ticker.update(i + 1, f"loss {float(loss.detach()):.3f}")
+        ticker.update(step + 1, f"loss {float(loss.detach()):.3f}")
     ticker.close()
     model.eval()
     return model, tok, float(loss.detach())
