@@ -110,7 +110,7 @@ def test_figures_have_labels_legends_and_the_layer_that_fired(tmp_path, monkeypa
     assert rp.fired_layer(events) == ("arith", "2")
 
 
-@pytest.mark.parametrize("x, text", [(0.2401, "0.24"), (6.0, "6"), (9.123456, "9.12"), (3, "3"),
+@pytest.mark.parametrize("x, text", [(0.2401, "0.240"), (123.4, "123"), (1.5, "1.50"), (6.0, "6"), (9.123456, "9.12"), (3, "3"),
                                      (0.000123456, "0.000123"), (12345.6, "12,346"), (None, "–")])
 def test_one_number_format(x, text):
     assert rp.num(x) == text

@@ -42,7 +42,7 @@ def num(x: Any) -> str:
         return str(int(x))
     if abs(x) >= 1000:
         return f"{x:,.0f}"
-    return f"{x:.3g}"
+    return f"{x:#.3g}".rstrip(".")  # keeps significant trailing zeros: 0.240, 1.50
 
 
 def frac(x: float) -> str:
