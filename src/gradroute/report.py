@@ -60,7 +60,12 @@ def _plt():
 
 
 def save_figure(fig, path: Path) -> Path:
-    """Lay out, write (PNG) and close a figure."""
+    """Lay out, write (PNG) and close a figure (x axes labelled "...step" get integer ticks)."""
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in fig.axes:
+        if ax.get_xlabel().endswith("step"):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     _plt().close(fig)
@@ -162,7 +167,7 @@ def figures(run_dir: str | Path, out: str | Path | None = None, title: str | Non
 
         keys = sorted(layers, key=lambda k: (not k.lstrip("-").isdigit(), int(k) if k.lstrip("-").isdigit() else 0, k))
         mat = np.array([df[layers[k]].to_numpy(dtype=float) for k in keys])
-        fig, ax = plt.subplots(figsize=(8, 1.2 + 0.45 * len(keys)))
+        fig, ax = plt.subplots(figsize=(8, max(2.6, 1.2 + 0.45 * len(keys))))
         im = ax.imshow(mat, aspect="auto", origin="lower", cmap="viridis",
                        extent=(df["step"].min() - 0.5, df["step"].max() + 0.5, -0.5, len(keys) - 0.5))
         ax.set_yticks(range(len(keys)), [f"layer {k}" for k in keys])
