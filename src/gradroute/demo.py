@@ -67,8 +67,8 @@ class _Ticker:
     of the way and at least every ``every_s`` seconds (so that a log or CI shows the run is alive
     and how far it is)."""
 
-    def __init__(self, label: str, total: int, enabled: bool = True, every_s: float = 30.0):
-        self.label, self.total, self.enabled = label, max(1, int(total)), enabled
+    def __init__(self, label: str, total: int, enabled: bool = True, every_s: float = 30.0, start: int = 0):
+        self.label, self.total, self.enabled, self.start = label, max(1, int(total)), enabled, int(start)
         self.t0 = self.last = time.time()
         self.every_s = every_s
         self.every = max(1, self.total // 10)
@@ -76,7 +76,7 @@ class _Ticker:
         if enabled and _is_tty():
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=self.total, desc=label, leave=False)
+            self.bar = tqdm(total=self.total, initial=self.start, desc=label, leave=False)
 
     def update(self, step: int, note: str = "") -> None:
         if not self.enabled:
@@ -87,7 +87,8 @@ class _Ticker:
         elif step % self.every == 0 or step == self.total or time.time() - self.last >= self.every_s:
             self.last = time.time()
             el = self.last - self.t0
-            eta = el / step * (self.total - step) if step else 0.0
+            done = step - self.start
+            eta = el / done * (self.total - step) if done > 0 else 0.0
             print(f"   {self.label}: step {step}/{self.total}{', ' + note if note else ''} "
                   f"({el:.0f} s, ~{eta:.0f} s left)", flush=True)
 
@@ -102,7 +103,7 @@ def _trainer_ticker(label: str, total: int):
 
     class _Cb(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
-            self.t = _Ticker(label, args.max_steps or total, _PROGRESS["on"])
+            self.t = _Ticker(label, args.max_steps or total, _PROGRESS["on"], start=state.global_step)
 
         def on_step_end(self, args, state, control, **kw):
             self.t.update(state.global_step)

@@ -108,6 +108,11 @@ def mark_events(ax, events: list[dict[str, Any]], checkpoints: bool = True) -> l
     return [drawn[k] for k in EVENT_STYLE if k in drawn]
 
 
+def _label(env: str) -> str:
+    """A legend label (matplotlib hides labels that start with "_", such as ``_unattributed``)."""
+    return f"({env.lstrip('_')})" if env.startswith("_") else env
+
+
 def _legend(ax, markers: list[Any], **kw) -> None:
     handles, _ = ax.get_legend_handles_labels()
     ax.legend(handles=handles + markers, fontsize=7, title_fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5),
@@ -152,7 +157,7 @@ def figures(run_dir: str | Path, out: str | Path | None = None, title: str | Non
     fig, ax = plt.subplots(figsize=(8, 3.5))
     ax.plot(df["step"], df["adapter_norm"], color="k", lw=2, label="adapter (total)")
     for env, col in _columns(df, "env_adapter_norm.").items():
-        ax.plot(df["step"], df[col], color=colour[env], label=env)
+        ax.plot(df["step"], df[col], color=colour[env], label=_label(env))
     limit = _rule_value(df.attrs["header"], "max_adapter_norm", "max_norm")
     if limit is not None:
         ax.axhline(limit, color="tab:purple", ls="--", lw=0.8, label=f"max_adapter_norm threshold ({num(limit)})")
@@ -179,7 +184,7 @@ def figures(run_dir: str | Path, out: str | Path | None = None, title: str | Non
     if shares:
         fig, ax = plt.subplots(figsize=(8, 3.5))
         for env, col in shares.items():
-            ax.plot(df["step"], df[col], color=colour.get(env, "0.5"), label=env)
+            ax.plot(df["step"], df[col], color=colour.get(env, "0.5"), label=_label(env))
         marks = mark_events(ax, events)
         ax.axhline(0, color="0.7", lw=0.5)
         limit = _rule_value(df.attrs["header"], "max_env_share", "max_share")
@@ -216,7 +221,7 @@ def figures(run_dir: str | Path, out: str | Path | None = None, title: str | Non
             if series.empty or not isinstance(series.iloc[0], list | tuple):
                 continue
             ax.plot(df.loc[series.index, "step"], [v[0] for v in series], color=colour.get(env, "0.5"),
-                    label=f"{env} (layer {col.split('.')[2]})")
+                    label=f"{_label(env)} (layer {col.split('.')[2]})")
         base = _baseline_steps(df.attrs["header"])
         if base:
             steps = sorted(df["step"])
