@@ -1,8 +1,19 @@
 # Two commands: `make demo` (set up + run the embedded end-to-end demo) and
 # `make test` (set up + run the test suite). Both create .venv on first use.
+#
+# torch is installed first, on its own, so that you choose the build:
+#   CPU-only Linux laptop:  make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu
+#   GPU box:                make setup TORCH_INDEX=https://download.pytorch.org/whl/cu128
+#                           (a CUDA version your driver supports: `nvidia-smi` shows the highest)
+#   macOS, or a machine whose pip is already configured with a torch wheel: make setup
+# Without TORCH_INDEX, pip's configured sources decide: plain PyPI gives the CUDA build on
+# Linux (several GB of nvidia-* packages). TORCH_SPEC pins the version (the `+cpu`/`+cu128`
+# builds satisfy it). To switch builds later: make clean, then set up again.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
+TORCH_SPEC  ?= torch==2.13.0
+TORCH_INDEX ?=
 PYTEST_ARGS ?=
 
 .PHONY: setup demo test clean
@@ -10,8 +21,8 @@ PYTEST_ARGS ?=
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# the CPU wheel first: an open torch requirement would pull gigabytes of CUDA packages
-	$(BIN)/python -m pip install --quiet torch==2.13.0
+	# torch first, from TORCH_INDEX when given (see the top of this file)
+	$(BIN)/python -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $@
 

@@ -281,15 +281,25 @@ def figures(results: dict[str, dict[str, Any]], out: Path) -> list[Path]:
     return paths
 
 
-def study(seeds: list[int], steps: int | None = None, out: Path | None = None) -> dict[str, Any]:
-    """Train both configurations for each seed; per-seed metrics and medians."""
+def study(seeds: list[int], steps: int | None = None, out: Path | None = None, progress: bool = False) -> dict[str, Any]:
+    """Train both configurations for each seed; per-seed metrics and medians (``progress``: a line per run)."""
+    import time
+
     per: dict[str, list[dict[str, Any]]] = {c: [] for c in CONFIGS}
     last: dict[str, dict[str, Any]] = {}
+    total, done, t0 = len(seeds) * len(CONFIGS), 0, time.time()
     for seed in seeds:
         for config in CONFIGS:
+            t = time.time()
             res = evaluate(train(config, seed, steps))
             last[config] = res
             per[config].append({k: v for k, v in res.items() if k != "_arrays"} | {"seed": seed})
+            done += 1
+            if progress:
+                best = "suppression" if config == "anchored" else "ablation"
+                print(f"[{done}/{total}] seed {seed}, {config}: {best} R² {res[best]['r2']:.2f}, "
+                      f"red {res[best]['red']:+.3f} ({time.time() - t:.0f} s; {time.time() - t0:.0f} s so far)",
+                      flush=True)
     summary: dict[str, Any] = {"seeds": seeds, "steps": steps or 1501, "runs": per, "median": {}}
     for config, runs in per.items():
         med: dict[str, Any] = {}
@@ -315,7 +325,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         res = conflict()
         print(json.dumps(res, indent=2))
         return res
-    summary = study(a.seeds, a.steps, Path(a.out))
+    print(f"training {len(a.seeds) * len(CONFIGS)} autoencoders ({', '.join(CONFIGS)} x seeds {a.seeds}) ...", flush=True)
+    summary = study(a.seeds, a.steps, Path(a.out), progress=True)
     rows = [("anchored", "suppression"), ("anchored", "ablation"), ("isolated", "ablation"), ("isolated", "suppression")]
     print(f"medians over seeds {a.seeds} (MSE increase after the intervention):")
     print(f"{'model, intervention':<26} {'red':>7} {'red grp':>8} {'cyan':>7} {'collat.':>8} {'R²':>6}")

@@ -173,3 +173,39 @@ def test_last_clean_checkpoint(tmp_path):
     assert gr.last_clean_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
     (tmp_path / "gradroute.jsonl").write_text(json.dumps({"type": "crossing", "step": 3}) + "\n")
     assert gr.last_clean_checkpoint(tmp_path) is None
+
+
+def test_a_run_directory_can_be_moved_copied_and_read_from_anywhere(tmp_path, monkeypatch):
+    import shutil
+
+    from gradroute.monitor import DriftMonitor
+
+    monkeypatch.chdir(tmp_path)
+    router, monitor = _plain_run(tmp_path / "unused", None, steps=1)
+    run = "runs/orig"  # relative to the training process's working directory, as TRL's output_dir usually is
+    mon = DriftMonitor(router, run, None, attach=False)
+    for n in (2, 4):
+        (tmp_path / run / f"checkpoint-{n}").mkdir(parents=True)
+        mon.on_checkpoint(n, f"{run}/checkpoint-{n}")
+    mon._write({"type": "crossing", "step": 6, "rule": "max_adapter_norm"})
+    mon.close()
+    stored = [r["path"] for r in read_records(run) if r.get("type") == "checkpoint"]
+    assert stored == ["checkpoint-2", "checkpoint-4"]  # relative to the run directory
+    copy = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(tmp_path / run, copy)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert gr.last_clean_checkpoint("copy") == __import__("pathlib").Path("copy") / "checkpoint-4"
+    monkeypatch.chdir("/")
+    assert gr.last_clean_checkpoint(copy) == copy / "checkpoint-4"
+    assert gr.last_clean_checkpoint(tmp_path / run) == tmp_path / run / "checkpoint-4"
+    # logs written before paths were relative: cwd-relative or absolute paths into the original run
+    for old in (f"{run}/checkpoint-4", str(tmp_path / run / "checkpoint-4")):
+        legacy = tmp_path / "legacy"
+        shutil.rmtree(legacy, ignore_errors=True)
+        shutil.copytree(copy, legacy)
+        recs = [json.loads(line) for line in (legacy / "gradroute.jsonl").read_text().splitlines()]
+        for r in recs:
+            if r.get("type") == "checkpoint":
+                r["path"] = old.replace("checkpoint-4", f"checkpoint-{r['step']}")
+        (legacy / "gradroute.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+        assert gr.last_clean_checkpoint(legacy) == legacy / "checkpoint-4"

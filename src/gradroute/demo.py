@@ -17,7 +17,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -54,11 +57,119 @@ class DemoConfig:
 QUICK = DemoConfig(pretrain_steps=600, rl_steps=60, eval_prompts=48, save_steps=5)
 
 
+_PROGRESS = {"on": True}  # set by run_demo for the runs it starts
+
+
+def _is_tty() -> bool:
+    return sys.stderr.isatty()
+
+
+class _Ticker:
+    """Progress for a loop of ``total`` steps: a tqdm bar on a terminal, else a line every tenth
+    of the way and at least every ``every_s`` seconds (so that a log or CI shows the run is alive
+    and how far it is)."""
+
+    def __init__(self, label: str, total: int, enabled: bool = True, every_s: float = 30.0, start: int = 0):
+        self.label, self.total, self.enabled, self.start = label, max(1, int(total)), enabled, int(start)
+        self.t0 = self.last = time.time()
+        self.every_s = every_s
+        self.every = max(1, self.total // 10)
+        self.bar = None
+        if enabled and _is_tty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, initial=self.start, desc=label, leave=False)
+
+    def update(self, step: int, note: str = "") -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix_str(note, refresh=True)
+        elif step % self.every == 0 or step == self.total or time.time() - self.last >= self.every_s:
+            self.last = time.time()
+            el = self.last - self.t0
+            done = step - self.start
+            eta = el / done * (self.total - step) if done > 0 else 0.0
+            print(f"   {self.label}: step {step}/{self.total}{', ' + note if note else ''} "
+                  f"({el:.0f} s, ~{eta:.0f} s left)", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _trainer_ticker(label: str, total: int):
+    """A TrainerCallback reporting optimizer steps through :class:`_Ticker`."""
+    from transformers import TrainerCallback
+
+    class _Cb(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            self.t = _Ticker(label, args.max_steps or total, _PROGRESS["on"], start=state.global_step)
+
+        def on_step_end(self, args, state, control, **kw):
+            self.t.update(state.global_step)
+
+        def on_train_end(self, args, state, control, **kw):
+            self.t.close()
+            if _PROGRESS["on"] and state.global_step < self.t.total:
+                print(f"   {label}: stopped at step {state.global_step}/{self.t.total}", flush=True)
+
+    return _Cb()
+
+
+@contextlib.contextmanager
+def _library_noise_off():
+    """The demo's own output only: no transformers/TRL FutureWarnings or deprecation notes, no
+    "Writing model shards" bars, no datasets bars, no per-crossing drift warnings (the report
+    lists the crossings). Restored on exit, so that importing code keeps its settings."""
+    import datasets
+    import transformers
+
+    from .errors import GradrouteWarning
+
+    tf_log = transformers.utils.logging
+    verbosity, bars = tf_log.get_verbosity(), tf_log.is_progress_bar_enabled()
+    ds_bars = datasets.utils.logging.is_progress_bar_enabled()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=UserWarning)
+        warnings.filterwarnings("ignore", category=GradrouteWarning)
+        tf_log.set_verbosity_error()
+        tf_log.disable_progress_bar()
+        datasets.disable_progress_bars()
+        try:
+            yield
+        finally:
+            tf_log.set_verbosity(verbosity)
+            if bars:
+                tf_log.enable_progress_bar()
+            if ds_bars:
+                datasets.enable_progress_bars()
+
+
+def _quietly(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import inspect
+
+        bound = inspect.signature(fn).bind(*args, **kwargs)
+        bound.apply_defaults()
+        before = _PROGRESS["on"]
+        _PROGRESS["on"] = bool(bound.arguments.get("progress", True))
+        try:
+            with _library_noise_off():
+                return fn(*args, **kwargs)
+        finally:
+            _PROGRESS["on"] = before
+
+    return wrapper
+
+
 def pretrain(cfg: DemoConfig, seed: int = 0, progress: bool = True):
     """A tiny Llama-style model SFT'd on :func:`gradroute.toyworld.pretraining_corpus`."""
     import torch
-    from tqdm.auto import tqdm
-
     from . import toyworld as tw
     from .testing import tiny_lm
 
@@ -71,7 +182,8 @@ def pretrain(cfg: DemoConfig, seed: int = 0, progress: bool = True):
     g = torch.Generator().manual_seed(seed)
     model.train()
     loss = torch.zeros(())
-    for _ in tqdm(range(steps), desc="pre-training", disable=None if progress else True, leave=False):
+    ticker = _Ticker("pre-training", steps, progress)
+    for step in range(steps):
         idx = torch.randint(0, len(texts), (32,), generator=g).tolist()
         enc = tok([texts[i] + tok.eos_token for i in idx], return_tensors="pt", padding=True)
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
@@ -80,6 +192,8 @@ def pretrain(cfg: DemoConfig, seed: int = 0, progress: bool = True):
         loss.backward()
         opt.step()
         sched.step()
+        ticker.update(step + 1, f"loss {float(loss.detach()):.3f}")
+    ticker.close()
     model.eval()
     return model, tok, float(loss.detach())
 
@@ -105,6 +219,13 @@ def _rl(base_dir: Path, out: Path, cfg: DemoConfig, subspace, policy, seed: int,
                       save_strategy="steps" if save else "no", save_steps=cfg.save_steps)
     trainer = GRPOTrainer(model=model, reward_funcs=tw.make_reward(exploitable, fixed), args=args, train_dataset=ds,
                           processing_class=tok)
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict (TRL's metrics) to stdout
+    trainer.remove_callback(ProgressCallback)
+    label = f"GRPO {out.name}" + (f" (restart from {Path(resume).name})" if resume else "")
+    trainer.add_callback(_trainer_ticker(label, cfg.rl_steps))
+    trainer.create_model_card = lambda *a, **k: None  # the toy base is not on the hub: no card pointing there
     handle = (attach(trainer, subspace, env_column="env", policy=policy, mode=mode, **router_kw)
               if subspace is not None else None)
     trainer.train(resume_from_checkpoint=resume)
@@ -115,16 +236,16 @@ DEFAULT_MODE = "activation"
 DEFAULT_MULTIPLIER = 30.0
 
 
+@_quietly
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, progress: bool = True,
              config: DemoConfig | None = None, mode: str = DEFAULT_MODE,
              adapter_lr_multiplier: float | None = None) -> dict[str, Any]:
     from . import toyworld as tw
     from .monitor import last_clean_checkpoint
     from .policy import HaltPolicy
-    from .report import figures, report
+    from .report import report
     from .subspace import Subspace
 
-    warnings.filterwarnings("ignore", category=UserWarning)
     cfg = config or (QUICK if quick else DemoConfig())
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -151,7 +272,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
     control.save(out / "random.subspace")
     probe_acc = {L: d["accuracy"] for L, d in persona.provenance.extra["diagnostics"].items()}
 
-    # 3. RL four ways
+    # 3. RL five ways
     say(f"3/4 GRPO: {mode}-routed (persona, random control), update-routed (persona), not routed, halt-and-fix ...")
     rule = dict(max_activation_z=cfg.max_activation_z, baseline_steps=cfg.baseline_steps,
                 activation_window=cfg.activation_window)
@@ -209,15 +330,29 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
         "envs": list(ENVS), "exploitable": list(EXPLOITABLE), "probe_accuracy": probe_acc,
         "rates": rates, "runs": runs, "timings": timings,
     }
+    restart = runs["halt_and_fix"].get("restart_from")
+    if restart:  # shown relative to the demo directory, which can be moved
+        runs["halt_and_fix"]["restart_from"] = _relative(restart, out)
     summary["table"] = _table(summary)
     summary["table_md"] = _table(summary, markdown=True)
     summary["figures"] = [str(p) for p in _rates_figure(summary, out)]
-    for name in ("persona", "random", "halt"):
-        summary["figures"] += [str(p) for p in figures(out / "runs" / name, out / "figures" / name, title=name)]
+    for name, res in runs.items():  # each run directory says what it was and how it ended
+        d = out / "runs" / ("halt" if name == "halt_and_fix" else name)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "summary.json").write_text(json.dumps({"run": name, "routed": name != "none", **res}, indent=2,
+                                                   default=str))
     summary["seconds"] = time.time() - t0
     (out / "report.json").write_text(json.dumps(summary, indent=2, default=str))
-    report(out)
+    report(out, out=out)  # the demo's own directory: report.md and figures/<run>/ next to report.json
+    summary["figures"] += [str(p) for p in sorted((out / "figures").glob("*/*.png"))]
+    summary["seconds"] = time.time() - t0
+    (out / "report.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def _relative(path: str | Path, base: Path) -> str:
+    p, b = Path(path).resolve(), base.resolve()
+    return str(p.relative_to(b)) if p.is_relative_to(b) else str(path)
 
 
 def _fmt(r: dict[str, float] | None) -> str:
@@ -225,6 +360,8 @@ def _fmt(r: dict[str, float] | None) -> str:
 
 
 def _table(s: dict[str, Any], markdown: bool = False) -> str:
+    from .report import num
+
     runs = s["runs"]
     mode = s.get("mode", "update")
     tag = {"activation": "act", "update": "upd", "gradient": "grad"}.get(mode, mode)
@@ -260,16 +397,16 @@ def _table(s: dict[str, Any], markdown: bool = False) -> str:
     notes = [f"routing: persona and random arms in {mode} mode" + (f" (adapter LR x{mult:g})" if mult else "")
              + ("; the [upd] arm watches in update mode (training identical to the unrouted run)"
                 if "persona_update" in runs else ""),
-             f"adapter norm: persona {runs['persona']['adapter_norm']:.3f}, random {runs['random']['adapter_norm']:.3f}"]
+             f"adapter norm: persona {num(runs['persona']['adapter_norm'])}, random {num(runs['random']['adapter_norm'])}"]
     for v in ("persona", "random", "persona_update"):
         if v not in runs:
             continue
         c = runs[v].get("first_crossing")
-        notes.append(f"{v} subspace, watching: " + (f"first crossing at step {c['step']} ({c['rule']} {c['value']:.1f} > "
-                                                    f"{c['threshold']:g}, {c['detail']})" if c else "no crossing"))
+        notes.append(f"{v} subspace, watching: " + (f"first crossing at step {c['step']} ({c['rule']} {num(c['value'])} > "
+                                                    f"{num(c['threshold'])}, {c['detail']})" if c else "no crossing"))
     if h:
-        notes.append(f"halt: step {h['step']}, {h['rule']} ({h['detail']}); restarted from {runs['halt_and_fix']['restart_from']} "
-                     "with the arith grader fixed")
+        notes.append(f"halt: step {h['step']}, {h['rule']} ({h['detail']}); restarted from "
+                     f"{runs['halt_and_fix']['restart_from']} with the arith grader fixed")
     else:
         notes.append("halt: the policy did not fire")
     sep = "\n\n" if markdown else "\n"
@@ -299,8 +436,9 @@ def _rates_figure(s: dict[str, Any], out: Path) -> list[Path]:
             ax.bar(xs, [r[e][metric] for e in s["envs"]], width, label=label)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(s["envs"]))],
                       [e + (" *" if e in s["exploitable"] else "") for e in s["envs"]])
-        ax.set(title=f"{metric} rate (* exploitable)", ylim=(0, 1.05))
-    axes[0].legend(fontsize=7)
+        ax.set(title=f"{metric} rate per environment (* exploitable)", ylim=(0, 1.05), xlabel="environment",
+               ylabel=f"{metric} rate (fraction of sampled completions)")
+    axes[0].legend(title="model", fontsize=7, title_fontsize=7)
     return [save_figure(fig, out / "figures" / "rates.png")]
 
 

@@ -12,6 +12,9 @@ The log (``<run_dir>/gradroute.jsonl``) holds, in order:
   the checkpoint being written);
 - ``{"type": "checkpoint", "step": N, "path": ...}`` and ``{"type": "resume", "from_step": N}``.
 
+Paths in the log (checkpoints, the halt's checkpoint) are relative to the run directory, so a
+run directory can be moved, copied or read from any working directory (:func:`resolve_path`).
+
 Each record is one line, flushed as it is written, so a crash loses at most the line being
 written; a torn last line is skipped on read. After a resume from step N, records of steps
 > N written before the crash are superseded (:func:`load_log` drops them), so the log reads
@@ -130,6 +133,36 @@ def load_log(run_dir: str | Path) -> pd.DataFrame:
     return df
 
 
+def relative_path(run_dir: str | Path | None, path: str | Path) -> str:
+    """``path`` as stored in a run's log: relative to the run directory when it lies inside it
+    (so that the directory can be moved, copied or read from anywhere), else absolute."""
+    p = Path(path)
+    if run_dir is None:
+        return str(p)
+    base = Path(run_dir).resolve()
+    full = p.resolve()
+    return str(full.relative_to(base)) if full.is_relative_to(base) else str(full)
+
+
+def resolve_path(run_dir: str | Path, stored: str | Path) -> Path:
+    """A path read from a run's log, made usable from any working directory.
+
+    Relative paths are relative to the run directory. Logs written before paths were stored that
+    way hold paths relative to the training process's working directory (``runs/x/checkpoint-4``)
+    or absolute ones into a directory that may since have been moved or copied: a checkpoint of
+    that name inside ``run_dir`` wins over both, so a copied run points at its own checkpoints.
+    """
+    run_dir = Path(run_dir)
+    p = Path(stored)
+    if not p.is_absolute() and (run_dir / p).exists():
+        return run_dir / p
+    if (run_dir / p.name).exists():
+        return run_dir / p.name
+    if p.is_absolute():
+        return p
+    return run_dir / p
+
+
 def last_clean_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest checkpoint saved before the first threshold crossing (or the newest, if none).
 
@@ -146,7 +179,7 @@ def last_clean_checkpoint(run_dir: str | Path) -> Path | None:
     found: dict[int, Path] = {}
     for r in records:
         if r.get("type") == "checkpoint":
-            found[int(r["step"])] = Path(r["path"])
+            found[int(r["step"])] = resolve_path(run_dir, r["path"])
     if not found:
         for d in run_dir.glob("checkpoint-*"):
             tail = d.name.rsplit("-", 1)[-1]
@@ -259,7 +292,7 @@ class DriftMonitor:
                 if wants_stop and not stop:
                     stop = True
                     self.halt = {"type": "halt", **v.to_dict(), "checkpoint": checkpoint, "time": time.time()}
-                    self._write(self.halt)
+                    self._write({**self.halt, "checkpoint": self._stored(checkpoint)})
         self.history.append(record)
         self._trim_history()
         self.last = record
@@ -281,8 +314,11 @@ class DriftMonitor:
         if self._log is not None:
             self._log.write(record)
 
+    def _stored(self, path: str | Path | None) -> str | None:
+        return None if path is None else relative_path(self.run_dir, path)
+
     def on_checkpoint(self, step: int, path: str | Path) -> None:
-        self._write({"type": "checkpoint", "step": int(step), "path": str(path), "time": time.time()})
+        self._write({"type": "checkpoint", "step": int(step), "path": self._stored(path), "time": time.time()})
 
     def on_resume(self, step: int) -> None:
         """Continue after resuming from the checkpoint of ``step``: later records are superseded."""

@@ -16,21 +16,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     d = ss.add_parser("discard", help="trained model minus the adapter -> the base model")
     d.add_argument("adapter", help="PEFT adapter directory written by gradroute")
     d.add_argument("--model", required=True, help="the trained model (name or path) the adapter came from")
-    d.add_argument("--out", required=True)
+    d.add_argument("--out", required=True, help="directory for the discarded (base) model")
     d.set_defaults(func=_discard)
 
     m = ss.add_parser("merge", help="base model plus the adapter -> one plain model")
-    m.add_argument("adapter")
+    m.add_argument("adapter", help="PEFT adapter directory written by gradroute")
     m.add_argument("--model", help="base model (default: ADAPTER/base if it was saved with base='model')")
-    m.add_argument("--out", required=True)
+    m.add_argument("--out", required=True, help="directory for the merged model")
     m.set_defaults(func=_merge)
 
     e = ss.add_parser("export", help="router state from a checkpoint -> PEFT adapter")
     e.add_argument("state", help="router state directory, e.g. RUN/checkpoint-N/gradroute")
     e.add_argument("--model", help="model at that checkpoint (default: the checkpoint directory)")
     e.add_argument("--env", help="export only this environment's share")
-    e.add_argument("--base", default="modules", choices=["modules", "model", "none"])
-    e.add_argument("--out", required=True)
+    e.add_argument("--base", default="modules", choices=["modules", "model", "none"],
+                   help="what to save next to the adapter: modules (the routed modules' base weights, "
+                        "routed_base.safetensors), "
+                        "model (the whole base model in ADAPTER/base) or none; default: modules")
+    e.add_argument("--out", required=True, help="directory for the PEFT adapter")
     e.set_defaults(func=_export)
 
 

@@ -9,7 +9,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the embedded end-to-end run: toy persona world, GRPO, routing, halt, discard")
     p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
     p.add_argument("--quick", action="store_true", help="a shorter run (under 90 s; used by the tests)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the world: pre-training, probe, RL (default: 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed for the toy world, pre-training, probe texts and GRPO (default: 0)")
     p.add_argument("--mode", choices=("activation", "update", "gradient"), default="activation",
                    help="routing mode of the persona and random arms (default: activation, which isolates; "
                         "an update-mode persona arm always runs too)")

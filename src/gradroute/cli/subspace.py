@@ -20,31 +20,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--model", help="HF model name or local path (needed for --texts)")
     b.add_argument("--texts", help="JSONL or CSV with 'text' (or 'prompt' and 'response') and 'label' (1/0)")
     b.add_argument("--layers", type=int, nargs="+", help="residual layers (L = output of block L)")
-    b.add_argument("--method", default="diff_means", choices=["diff_means", "logistic", "pca"])
+    b.add_argument("--method", default="diff_means", choices=["diff_means", "logistic", "pca"],
+                   help="probe fit: diff_means (difference of class means), logistic (logistic-regression "
+                        "weights) or pca (top-k of paired differences); default: diff_means")
     b.add_argument("--k", type=int, default=1, help="directions per layer (method pca)")
     b.add_argument("--aggregation", default="mean",
-                   choices=["mean", "last", "last_prompt", "response_mean", "all"])
-    b.add_argument("--batch-size", type=int, default=16)
+                   choices=["mean", "last", "last_prompt", "response_mean", "all"],
+                   help="which tokens of each text give its activation: mean over tokens, last token, last "
+                        "prompt token, mean over response tokens, or every token; default: mean")
+    b.add_argument("--batch-size", type=int, default=16, help="texts per forward pass (default: 16)")
     b.add_argument("--sae", help="sae-lens SAE folder (cfg.json + sae_weights.safetensors)")
     b.add_argument("--latents", type=int, nargs="+", help="SAE latent ids")
     b.add_argument("--layer", type=int, help="override the SAE's layer")
     b.set_defaults(func=_build)
 
     i = ss.add_parser("inspect", help="print layers, ranks, names and provenance")
-    i.add_argument("path")
+    i.add_argument("path", help="subspace directory (written by `subspace build`/`import` or Subspace.save)")
     i.add_argument("--compare", help="another subspace: print per-layer overlap and principal angles")
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.set_defaults(func=_inspect)
 
     m = ss.add_parser("import", help="convert a peer's direction file into a subspace")
-    m.add_argument("path")
+    m.add_argument("path", help="the peer's direction file (.pt, .npy or .safetensors)")
     m.add_argument("--format", required=True, choices=["persona_vectors", "assistant_axis", "file"],
                    help="persona_vectors: [n_layers+1, d] indexed like hidden_states (i -> layer i-1); "
                         "assistant_axis: [n_layers, d] indexed by block (i -> i); file: .npy/.safetensors")
     m.add_argument("--layers", type=int, nargs="+", help="layers to keep (gradroute convention)")
     m.add_argument("--name", help="direction name")
     m.add_argument("--model", help="check against this model (name or path)")
-    m.add_argument("--out", required=True)
+    m.add_argument("--out", required=True, help="output subspace directory")
     m.set_defaults(func=_import)
 
 
