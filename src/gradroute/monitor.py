@@ -119,10 +119,17 @@ def read_records(run_dir: str | Path, name: str = LOG_NAME, *, warn: bool = True
         if not bline.strip():
             continue
         try:
-            rec = json.loads(bline.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-            if i != last:  # the last line may be torn by a crash
+            text = bline.decode("utf-8")
+            rec = json.loads(text)
+        except json.JSONDecodeError as e:
+            # a line torn by a crash (cut short: the parser ran out of text) is expected, not damage
+            torn = text.lstrip().startswith("{") and (e.pos >= len(text.rstrip()) - 1
+                                                      or e.msg.startswith("Unterminated string"))
+            if not torn and i != last:
                 skipped.append(i + 1)
+            continue
+        except (UnicodeDecodeError, RecursionError):
+            skipped.append(i + 1)
             continue
         if not _valid_record(rec):
             skipped.append(i + 1)

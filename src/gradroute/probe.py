@@ -46,7 +46,7 @@ def check_labels(labels: Sequence[Any], n_texts: int) -> list[int]:
                              "pass labels=[1, 0, ...] (1 = positive), one per text.")
     labels = list(labels)
     if len(labels) != n_texts:
-        raise ProbeDataError(f"texts= has {n_texts} entries but labels= has {len(labels)}.",
+        raise ProbeDataError(f"texts= has {n_texts} entries but labels= has {len(labels)}; they must have the same length.",
                              "pass one label (1 = positive, 0 = negative) per text.")
     out = []
     for i, y in enumerate(labels):
