@@ -457,7 +457,9 @@ class Subspace:
                 "pass the full [n_layers + 1, d] tensor saved by Persona Vectors.")
         n = T.shape[0] - 1
         avail = {layer_from_hidden_states_index(i, n): T[i] for i in range(n)}  # row n: post-norm
-        if layers is not None and n - 1 in [int(L) for L in layers]:
+        if isinstance(layers, int | str):
+            layers = [layers]
+        if layers is not None and n - 1 in [_int_layer(L) for L in layers]:
             raise UnknownLayerError(
                 f"layer {n - 1} (the last block) is not in a Persona Vectors file: its last row is "
                 "hidden_states[-1], taken after the final norm.",
@@ -550,6 +552,8 @@ class Subspace:
 
     @classmethod
     def _from_indexed(cls, avail, layers, default, name, kind, source, model, extra) -> Subspace:
+        if isinstance(layers, int | str):
+            layers = [layers]
         wanted = list(default) if layers is None else [_int_layer(L) for L in layers]
         missing = [L for L in wanted if L not in avail]
         if not avail:
