@@ -283,7 +283,8 @@ class HaltPolicy:
 
     def __or__(self, other: HaltPolicy) -> HaltPolicy:
         if not isinstance(other, HaltPolicy):
-            return NotImplemented
+            raise ConfigError(f"cannot combine a HaltPolicy with {type(other).__name__}.",
+                              "combine two HaltPolicy objects: policy_a | policy_b.")
         out = HaltPolicy(halt_on_nonfinite=False, action=self.action)
         seen = set()
         for r in [*self.rules, *other.rules]:

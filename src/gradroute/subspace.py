@@ -137,12 +137,30 @@ def _check_key(key: Any) -> LayerKey:
 
 
 def _int_layer(L: Any) -> int:
-    if isinstance(L, bool):
-        raise UnknownLayerError(f"layer {L!r} is not a layer number.", "pass integer layers.")
+    j = _index(L)
+    if j is None and isinstance(L, str) and L.strip().lstrip("-").isdigit():
+        j = int(L)
+    if j is None:
+        raise UnknownLayerError(f"layer {L!r} is not a layer number.", "pass integer layers (L = output of block L).")
+    return j
+
+
+def _index(x: Any) -> int | None:
+    """``x`` as an int if it is an integer (Python, numpy or 0-d torch), else None."""
+    import operator
+
+    if isinstance(x, bool):
+        return None
     try:
-        return int(L)
-    except (TypeError, ValueError):
-        raise UnknownLayerError(f"layer {L!r} is not a layer number.", "pass integer layers.") from None
+        return operator.index(x)
+    except TypeError:
+        return None
+
+
+def _check_other(other: Any, what: str) -> None:
+    if not isinstance(other, Subspace):
+        raise SubspaceError(f"{what} needs another gradroute.Subspace, got {type(other).__name__}.",
+                            "pass a Subspace (e.g. gradroute.Subspace.load(path)).")
 
 
 class Subspace:
@@ -282,13 +300,21 @@ class Subspace:
                   names: Mapping[LayerKey, Sequence[str]] | Sequence[str] | None = None) -> Subspace:
         """Axis-aligned directions (unit vectors e_i), e.g. reserved dimensions of a small latent:
         ``Subspace.from_axes({"bottleneck": [0]}, dim=4, names=["red"])``."""
+        dim = _index(dim)
+        if dim is None or dim < 1:
+            raise SubspaceError(f"dim must be an integer >= 1, got {dim!r}.", "pass the latent's dimension, e.g. dim=4.")
+        if not isinstance(axes, Mapping):
+            raise SubspaceError(f"axes must be a dict {{layer: [axis, ...]}}, got {axes!r}.",
+                                'pass e.g. {"bottleneck": [0, 1]}.')
         dirs = {}
         for key, idx in axes.items():
             E = torch.zeros(len(idx), dim)
             for row, i in enumerate(idx):
-                if not (0 <= int(i) < dim):
-                    raise UnknownLayerError(f"axis {i} is out of range for dimension {dim}.")
-                E[row, int(i)] = 1.0
+                j = _index(i)
+                if j is None or not (0 <= j < dim):
+                    raise UnknownLayerError(f"axis {i!r} is not an integer in 0..{dim - 1}.",
+                                            f"pick axes from 0 to {dim - 1}.")
+                E[row, j] = 1.0
             dirs[key] = E
         if names is None:
             names = {k: [f"e{i}" for i in idx] for k, idx in axes.items()}
@@ -676,6 +702,7 @@ class Subspace:
 
         Layers present in only one operand are copied. Names that clash get a ``'``.
         """
+        _check_other(other, "union")
         bases, dirs, nms = {}, {}, {}
         for L in sort_keys(set(self.layers) | set(other.layers)):
             if L in self and L in other:
@@ -700,6 +727,8 @@ class Subspace:
 
     def random_like(self, seed: int = 0) -> Subspace:
         """Haar-random subspace with the same layers, dimensions and ranks (the control)."""
+        if _index(seed) is None:
+            raise SubspaceError(f"seed must be an integer, got {seed!r}.", "pass seed=0 (or another int).")
         g = torch.Generator().manual_seed(int(seed))
         bases, dirs, nms = {}, {}, {}
         for L, U in self._bases.items():
@@ -712,11 +741,13 @@ class Subspace:
 
     def principal_angles(self, other: Subspace, layer: LayerKey) -> torch.Tensor:
         """Principal angles (radians, ascending) between this and ``other`` at ``layer``."""
+        _check_other(other, "principal_angles")
         c = P.principal_cosines(self._get(self._bases, layer), other._get(other._bases, layer))
         return torch.arccos(c)
 
     def overlap(self, other: Subspace) -> dict[LayerKey, float]:
         """Mean squared principal cosine per shared layer (1 = nested, ~k/d for random)."""
+        _check_other(other, "overlap")
         return {L: P.overlap(self._bases[L], other._bases[L]) for L in self.layers if L in other}
 
     # ------------------------------------------------------------------ model checks
@@ -773,6 +804,8 @@ class Subspace:
 
         A directory that already holds files is refused unless ``overwrite=True`` (then the
         subspace files in it are replaced)."""
+        if not isinstance(path, str | Path):
+            raise FileFormatError(f"path must be a str or Path, got {type(path).__name__}.", "pass a directory path.")
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise FileFormatError(f"{path} exists and is not a directory.", "choose another path.")
@@ -810,6 +843,9 @@ class Subspace:
     @classmethod
     def load(cls, path: str | Path) -> Subspace:
         """Read a subspace written by :meth:`save`, verifying its checksums."""
+        if not isinstance(path, str | Path):
+            raise FileFormatError(f"path must be a str or Path, got {type(path).__name__}.",
+                                  "pass the directory written by Subspace.save.")
         path = Path(path)
         if not path.is_dir():
             raise FileFormatError(
