@@ -78,29 +78,80 @@ class RunLog:
         self._f.close()
 
 
-def read_records(run_dir: str | Path, name: str = LOG_NAME) -> list[dict[str, Any]]:
+def _valid_record(rec: Any) -> bool:
+    """A record this module can use: an object with a known type and the fields that type needs."""
+    if not isinstance(rec, dict):
+        return False
+    kind = rec.get("type")
+    if kind == "step" or kind == "checkpoint":
+        step = rec.get("step")
+        if isinstance(step, bool) or not isinstance(step, int):
+            return False
+        return kind == "step" or isinstance(rec.get("path"), str)
+    if kind in ("crossing", "halt"):
+        step = rec.get("step")
+        return not isinstance(step, bool) and isinstance(step, int)
+    if kind == "resume":
+        n = rec.get("from_step")
+        return not isinstance(n, bool) and isinstance(n, int)
+    return isinstance(kind, str)
+
+
+def read_records(run_dir: str | Path, name: str = LOG_NAME, *, warn: bool = True) -> list[dict[str, Any]]:
     """All parseable records with resumes applied: after ``resume from step N``, the step and
     checkpoint records of steps > N written before it are dropped (those steps were re-run);
-    crossing and halt records stay, flagged ``"superseded": true`` (they are why the run restarted)."""
+    crossing and halt records stay, flagged ``"superseded": true`` (they are why the run restarted).
+
+    A damaged log is read as far as it can be: lines that are not UTF-8, not JSON objects, or
+    lack the fields their type needs (a step without an integer ``step``, a resume without
+    ``from_step``, ...) are skipped, with one :class:`~gradroute.errors.GradrouteWarning` counting
+    them (a torn last line, the normal trace of a crash, is skipped silently)."""
     path = Path(run_dir)
     path = path / name if path.is_dir() else path
     if not path.is_file():
         raise FileFormatError(f"no gradroute log at {path}.", "pass the run directory (the trainer's output_dir).")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise FileFormatError(f"cannot read {path} ({e}).", "check the file's permissions.") from None
     out: list[dict[str, Any]] = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
+    skipped: list[int] = []
+    lines = raw.split(b"\n")
+    last = max((i for i, ln in enumerate(lines) if ln.strip()), default=-1)
+    for i, bline in enumerate(lines):
+        if not bline.strip():
             continue
         try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line torn by a crash
+            text = bline.decode("utf-8")
+            rec = json.loads(text)
+        except json.JSONDecodeError as e:
+            # a line torn by a crash (cut short: the parser ran out of text) is expected, not damage
+            torn = text.lstrip().startswith("{") and (e.pos >= len(text.rstrip()) - 1
+                                                      or e.msg.startswith("Unterminated string"))
+            if not torn and i != last:
+                skipped.append(i + 1)
+            continue
+        except (UnicodeDecodeError, RecursionError):
+            skipped.append(i + 1)
+            continue
+        if not _valid_record(rec):
+            skipped.append(i + 1)
+            continue
         if rec.get("type") == "resume":
             n = rec["from_step"]
-            out = [r for r in out if not (r.get("type") in ("step", "checkpoint") and r.get("step", -1) > n)]
+            out = [r for r in out if not (r.get("type") in ("step", "checkpoint") and r["step"] > n)]
             for r in out:
-                if r.get("type") in ("crossing", "halt") and r.get("step", -1) > n:
+                if r.get("type") in ("crossing", "halt") and r["step"] > n:
                     r["superseded"] = True
         out.append(rec)
+    if skipped and warn:
+        import warnings
+
+        from .errors import GradrouteWarning
+
+        shown = ", ".join(map(str, skipped[:5])) + (", ..." if len(skipped) > 5 else "")
+        warnings.warn(f"{path}: skipped {len(skipped)} damaged line(s) (line {shown}): not UTF-8, not a JSON "
+                      "object, or missing the fields their record type needs.", GradrouteWarning, stacklevel=2)
     return out
 
 
@@ -185,8 +236,38 @@ def last_clean_checkpoint(run_dir: str | Path) -> Path | None:
             tail = d.name.rsplit("-", 1)[-1]
             if d.is_dir() and tail.isdigit():
                 found[int(tail)] = d
-    clean = [n for n, p in found.items() if n < first and p.is_dir()]
+    clean = [n for n, p in found.items() if n < first and p.is_dir() and checkpoint_problem(p) is None]
     return found[max(clean)] if clean else None
+
+
+def checkpoint_problem(ckpt: str | Path) -> str | None:
+    """Why ``ckpt``'s gradroute state cannot be trusted (incomplete or damaged: its manifest is
+    missing or does not match), or None when it verifies or holds no gradroute state."""
+    from . import _io
+    from .errors import CheckpointError
+
+    state = Path(ckpt) / "gradroute"
+    if not state.is_dir():
+        return None
+    try:
+        _io.verify_manifest(state)
+    except CheckpointError as e:
+        return e.problem
+    return None
+
+
+def last_complete_checkpoint(run_dir: str | Path, before: int | None = None) -> Path | None:
+    """The newest ``checkpoint-N`` of ``run_dir`` (with N < ``before`` when given) whose gradroute
+    state verifies against its manifest; None if there is none."""
+    found = []
+    for d in Path(run_dir).glob("checkpoint-*"):
+        tail = d.name.rsplit("-", 1)[-1]
+        if d.is_dir() and tail.isdigit() and (before is None or int(tail) < before):
+            found.append((int(tail), d))
+    for _, d in sorted(found, reverse=True):
+        if (d / "gradroute").is_dir() and checkpoint_problem(d) is None:
+            return d
+    return None
 
 
 class DriftMonitor:
@@ -218,6 +299,8 @@ class DriftMonitor:
         self.halt: dict[str, Any] | None = None
         self.last: dict[str, Any] | None = None
         self._active: set[tuple[str, str]] = set()  # rules above threshold at the last step
+        self._nf_rewards: dict[str, int] = {}  # NaN/None rewards per environment since the last record
+        self._nf_rewards_total: dict[str, int] = {}
         self._log: RunLog | None = None
         if self.run_dir is not None and is_main_process():
             self._log = RunLog(self.run_dir / LOG_NAME, fsync=fsync)
@@ -228,7 +311,7 @@ class DriftMonitor:
 
     def _existing(self) -> list[dict[str, Any]]:
         try:
-            return read_records(self.run_dir) if self.run_dir is not None else []
+            return read_records(self.run_dir, warn=False) if self.run_dir is not None else []
         except FileFormatError:
             return []
 
@@ -280,9 +363,21 @@ class DriftMonitor:
                 out["reward"] = a.reward
         return out
 
+    def count_nonfinite_rewards(self, counts: dict[str, int]) -> None:
+        """Add NaN/None rewards per environment; they go into the next step record as
+        ``nonfinite_rewards`` (since the previous record) and ``nonfinite_rewards_total``."""
+        for env, n in counts.items():
+            if n:
+                self._nf_rewards[env] = self._nf_rewards.get(env, 0) + int(n)
+                self._nf_rewards_total[env] = self._nf_rewards_total.get(env, 0) + int(n)
+
     def observe(self, rec: StepRecord, step: int | None = None, checkpoint: str | None = None) -> bool:
         """Log the step and apply the policy. Returns True when the run must stop."""
         record = self.make_record(rec, step)
+        if self._nf_rewards_total:
+            record["nonfinite_rewards"] = dict(self._nf_rewards)
+            record["nonfinite_rewards_total"] = dict(self._nf_rewards_total)
+            self._nf_rewards.clear()
         self._write(record)
         stop = False
         if self.policy is not None:
@@ -325,6 +420,8 @@ class DriftMonitor:
         self._write({"type": "resume", "from_step": int(step), "time": time.time()})
         records = self._existing() if self.run_dir is not None else []
         self.history = [r for r in records if r.get("type") == "step" and r["step"] <= step]
+        self._nf_rewards = {}
+        self._nf_rewards_total = dict(self.history[-1].get("nonfinite_rewards_total") or {}) if self.history else {}
         self.halt = None
         self._active = set()
 

@@ -11,6 +11,8 @@ Each rule looks at the newest monitor record (and the history before it) and ret
   ``mean Uᵀh`` at some layer has moved more than ``max_z`` baseline standard deviations from
   its mean over the first ``baseline_steps`` records (the Persona-Vectors monitoring signal).
 - ``NonFiniteRule()``: the step's in-subspace update is NaN/Inf.
+- ``NonFiniteRewardRule(max_count)``: more than ``max_count`` NaN/None rewards in one
+  environment since the start of the run (``record["nonfinite_rewards_total"]``).
 
 Actions: ``"stop"`` (default: checkpoint, halt record, stop), ``"warn"`` (log and go on), or
 a callable ``f(violation, record)`` returning True to stop.
@@ -71,10 +73,23 @@ class Rule:
         return {"rule": self.name, **{k: v for k, v in vars(self).items() if not k.startswith("_") and k != "action"}}
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _positive(name: str, value: float) -> float:
-    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-        raise ConfigError(f"{name} must be a positive number, got {value!r}.")
+    if not (_is_number(value) and math.isfinite(value) and value > 0):
+        why = " (a rule with an infinite threshold can never fire)" if _is_number(value) and value == math.inf else ""
+        raise ConfigError(f"{name} must be a finite positive number, got {value!r}{why}.",
+                          f"pass {name}=<number > 0>, or leave it unset (None) to turn the rule off.")
     return float(value)
+
+
+def _count(name: str, value: Any, minimum: int) -> int:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}.",
+                          f"pass {name}=<integer >= {minimum}>.")
+    return value
 
 
 class AdapterNormRule(Rule):
@@ -94,9 +109,7 @@ class GrowthRule(Rule):
 
     def __init__(self, max_growth: float, window: int = 10, action: Any = None):
         self.max_growth = _positive("max_growth", max_growth)
-        if not (isinstance(window, int) and window >= 1):
-            raise ConfigError(f"growth window must be an integer >= 1, got {window!r}.")
-        self.window = window
+        self.window = _count("growth_window", window, 1)
         self.action = action
 
     def check(self, record, history):
@@ -110,10 +123,13 @@ class EnvShareRule(Rule):
     name = "max_env_share"
 
     def __init__(self, max_share: float, min_norm: float = 0.0, action: Any = None):
-        if not (isinstance(max_share, int | float) and 0 < max_share <= 1):
-            raise ConfigError(f"max_env_share must be in (0, 1], got {max_share!r}.")
-        if not (isinstance(min_norm, int | float) and min_norm >= 0):
-            raise ConfigError(f"env_share_min_norm must be >= 0, got {min_norm!r}.")
+        if not (_is_number(max_share) and 0 < max_share <= 1):
+            raise ConfigError(f"max_env_share must be a number in (0, 1], got {max_share!r}.",
+                              "pass the largest share of the adapter one environment may build, e.g. 0.8.")
+        if not (_is_number(min_norm) and math.isfinite(min_norm) and min_norm >= 0):
+            why = " (the rule could never fire)" if _is_number(min_norm) and min_norm == math.inf else ""
+            raise ConfigError(f"env_share_min_norm must be a finite number >= 0, got {min_norm!r}{why}.",
+                              "pass the adapter norm from which shares are checked, e.g. 0.05 (0: always).")
         self.max_share = float(max_share)
         self.min_norm = float(min_norm)
         self.action = action
@@ -143,13 +159,12 @@ class ActivationDriftRule(Rule):
     def __init__(self, max_z: float, baseline_steps: int = 20, window: int = 1, min_std: float = 1e-6,
                  action: Any = None):
         self.max_z = _positive("max_activation_z", max_z)
-        if not (isinstance(baseline_steps, int) and baseline_steps >= 2):
-            raise ConfigError(f"baseline_steps must be an integer >= 2, got {baseline_steps!r}.")
-        if not (isinstance(window, int) and window >= 1):
-            raise ConfigError(f"activation window must be an integer >= 1, got {window!r}.")
-        self.baseline_steps = baseline_steps
-        self.window = window
-        self.min_std = min_std
+        self.baseline_steps = _count("baseline_steps", baseline_steps, 2)
+        self.window = _count("activation_window", window, 1)
+        if not (_is_number(min_std) and math.isfinite(min_std) and min_std >= 0):
+            raise ConfigError(f"min_std must be a finite number >= 0, got {min_std!r}.",
+                              "pass a small relative floor for the baseline spread, e.g. 1e-6.")
+        self.min_std = float(min_std)
         self.action = action
 
     def check(self, record, history):
@@ -193,6 +208,28 @@ class NonFiniteRule(Rule):
         return self._v(record, float("nan"), 0.0, "NaN/Inf in the in-subspace update") if bad else None
 
 
+class NonFiniteRewardRule(Rule):
+    """More than ``max_count`` NaN/None rewards in one environment since the run started."""
+
+    name = "max_nonfinite_rewards"
+
+    def __init__(self, max_count: int = 0, action: Any = None):
+        self.max_count = _count("max_nonfinite_rewards", max_count, 0)
+        self.action = action
+
+    def check(self, record, history):
+        totals = record.get("nonfinite_rewards_total") or {}
+        if not totals:
+            return None
+        env, n = max(totals.items(), key=lambda x: x[1])
+        if n <= self.max_count:
+            return None
+        v = self._v(record, n, self.max_count, f"environment {env!r}: NaN/None rewards")
+        v.env = env
+        v.top_envs = [(e, float(c)) for e, c in sorted(totals.items(), key=lambda x: -x[1])[:3]]
+        return v
+
+
 class HaltPolicy:
     """A set of rules and an action.
 
@@ -211,11 +248,19 @@ class HaltPolicy:
         baseline_steps: int = 20,
         activation_window: int = 1,
         halt_on_nonfinite: bool = True,
+        max_nonfinite_rewards: int | None = None,
         action: str | Callable[[Violation, Record], Any] = "stop",
         rules: Sequence[Rule] = (),
     ):
-        if not (callable(action) or action in ("stop", "warn")):
-            raise ConfigError(f"action must be 'stop', 'warn' or a callable, got {action!r}.")
+        if not (callable(action) or (isinstance(action, str) and action in ("stop", "warn"))):
+            raise ConfigError(f"action must be 'stop', 'warn' or a callable, got {action!r}.",
+                              "pass action='stop', action='warn' or a function f(violation, record) -> bool.")
+        if not isinstance(halt_on_nonfinite, bool):
+            raise ConfigError(f"halt_on_nonfinite must be True or False, got {halt_on_nonfinite!r}.",
+                              "pass a bool.")
+        if isinstance(rules, Rule | str | bytes) or not isinstance(rules, Sequence | set | frozenset):
+            raise ConfigError(f"rules must be a list of gradroute.policy.Rule, got {rules!r}.",
+                              "pass rules=[rule, ...].")
         self.action = action
         self.rules: list[Rule] = []
         if max_adapter_norm is not None:
@@ -228,12 +273,18 @@ class HaltPolicy:
             self.rules.append(ActivationDriftRule(max_activation_z, baseline_steps, activation_window))
         if halt_on_nonfinite:
             self.rules.append(NonFiniteRule())
+        if max_nonfinite_rewards is not None:
+            self.rules.append(NonFiniteRewardRule(max_nonfinite_rewards))
         for r in rules:
             if not isinstance(r, Rule):
-                raise ConfigError(f"{r!r} is not a gradroute.policy.Rule.")
+                raise ConfigError(f"{r!r} is not a gradroute.policy.Rule.",
+                                  "pass instances of the rule classes in gradroute.policy (or subclasses of Rule).")
             self.rules.append(r)
 
     def __or__(self, other: HaltPolicy) -> HaltPolicy:
+        if not isinstance(other, HaltPolicy):
+            raise ConfigError(f"cannot combine a HaltPolicy with {type(other).__name__}.",
+                              "combine two HaltPolicy objects: policy_a | policy_b.")
         out = HaltPolicy(halt_on_nonfinite=False, action=self.action)
         seen = set()
         for r in [*self.rules, *other.rules]:

@@ -26,9 +26,51 @@ from .errors import ProbeDataError
 METHODS = ("diff_means", "logistic", "pca")
 
 
-def check_probe_data(positive: Sequence[Any] | None, negative: Sequence[Any] | None, method: str) -> None:
+def _check_texts(texts: Any, which: str) -> None:
+    if texts is None:
+        return
+    if isinstance(texts, str | bytes) or not isinstance(texts, Sequence):
+        raise ProbeDataError(f"{which} must be a list of texts, got {type(texts).__name__}.",
+                             f"pass {which}=[\"text\", ...] or a list of (prompt, response) pairs.")
+    for i, t in enumerate(texts):
+        ok = isinstance(t, str) or (isinstance(t, tuple | list) and len(t) == 2 and all(isinstance(x, str) for x in t))
+        if not ok:
+            raise ProbeDataError(f"{which}[{i}] is {t!r:.80}, not a string or a (prompt, response) pair of strings.",
+                                 "pass texts as str, or as (prompt, response) tuples of str.")
+
+
+def check_labels(labels: Sequence[Any], n_texts: int) -> list[int]:
+    """Binary labels as ints; strings, None and values other than 0/1 are refused."""
+    if isinstance(labels, str | bytes) or not isinstance(labels, Sequence) and not hasattr(labels, "__len__"):
+        raise ProbeDataError(f"labels must be a list of 0/1 values, got {type(labels).__name__}.",
+                             "pass labels=[1, 0, ...] (1 = positive), one per text.")
+    labels = list(labels)
+    if len(labels) != n_texts:
+        raise ProbeDataError(f"texts= has {n_texts} entries but labels= has {len(labels)}; they must have the same length.",
+                             "pass one label (1 = positive, 0 = negative) per text.")
+    out = []
+    for i, y in enumerate(labels):
+        if hasattr(y, "item") and not isinstance(y, str | bytes):
+            y = y.item()
+        if isinstance(y, str | bytes) or y is None or not isinstance(y, int | float) or y not in (0, 1):
+            raise ProbeDataError(f"labels[{i}] is {y!r}; labels must be the numbers 1 (positive) or 0 (negative).",
+                                 "map your labels to 1/0 first (e.g. [int(l == 'positive') for l in labels]).")
+        out.append(int(y))
+    return out
+
+
+def check_probe_data(positive: Sequence[Any] | None, negative: Sequence[Any] | None, method: str,
+                     k: Any = 1) -> None:
     if method not in METHODS:
         raise ProbeDataError(f"unknown probe method {method!r}.", f"use one of {METHODS}.")
+    _check_texts(positive, "positive")
+    _check_texts(negative, "negative")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ProbeDataError(f"k must be an integer >= 1 (directions per layer), got {k!r}.",
+                             "pass k=1 (or k>1 with method='pca').")
+    if method != "pca" and k != 1:
+        raise ProbeDataError(f"method={method!r} gives one direction; k={k} needs method='pca'.",
+                             "pass k=1, or method='pca' for several directions.")
     n_pos = len(positive) if positive is not None else 0
     n_neg = len(negative) if negative is not None else 0
     if n_pos == 0 and n_neg == 0:
@@ -46,7 +88,13 @@ def check_probe_data(positive: Sequence[Any] | None, negative: Sequence[Any] | N
             "pass the same number of each, paired by position (positive[i] with negative[i]).",
         )
     if method in ("logistic", "pca") and min(n_pos, n_neg) < 2:
-        raise ProbeDataError(f"method={method!r} needs at least 2 texts per class.")
+        raise ProbeDataError(f"method={method!r} needs at least 2 texts per class.",
+                             "add texts, or use method='diff_means'.")
+    if method == "pca" and k > n_pos:
+        raise ProbeDataError(
+            f"method='pca' with k={k} needs at least {k} (positive, negative) pairs; there are {n_pos}, so "
+            f"at most {n_pos} directions can be found.",
+            f"pass k <= {n_pos}, or add pairs.")
 
 
 def diff_of_means(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
@@ -111,7 +159,11 @@ def separation(pos: torch.Tensor, neg: torch.Tensor, v: torch.Tensor) -> dict[st
 def fit_directions(pos: torch.Tensor, neg: torch.Tensor, method: str = "diff_means", k: int = 1) -> tuple[torch.Tensor, dict[str, Any]]:
     """Directions (k x d) and diagnostics for one layer."""
     if method != "pca" and k != 1:
-        raise ProbeDataError(f"method={method!r} gives one direction; k={k} needs method='pca'.")
+        raise ProbeDataError(f"method={method!r} gives one direction; k={k} needs method='pca'.",
+                             "pass k=1, or method='pca' for several directions.")
+    if method == "pca" and not (1 <= k <= min(len(pos), pos.shape[1])):
+        raise ProbeDataError(f"method='pca' can give 1..{min(len(pos), pos.shape[1])} directions here, not k={k}.",
+                             "lower k.")
     if method == "diff_means":
         D = diff_of_means(pos, neg)
         extra: dict[str, Any] = {}

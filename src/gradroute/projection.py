@@ -125,8 +125,8 @@ def orthonormalize(
 
         raise ConfigError(f"on_degenerate must be 'error', 'warn' or 'drop', got {on_degenerate!r}.",
                           "pass one of those three.")
-    if not (0 < rtol < 1):
-        raise DegenerateDirectionsError(f"rtol must be in (0, 1), got {rtol}.")
+    if isinstance(rtol, bool) or not isinstance(rtol, int | float) or not (0 < rtol < 1):
+        raise DegenerateDirectionsError(f"rtol must be a number in (0, 1), got {rtol!r}.", "pass e.g. rtol=1e-3.")
     D = torch.as_tensor(directions)
     if D.ndim == 1:
         D = D[None]

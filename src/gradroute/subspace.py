@@ -71,30 +71,62 @@ class Provenance:
         return cls(**kw)
 
 
-def _as_tensor(x: Any) -> torch.Tensor:
-    if torch.is_tensor(x):
-        return x.detach().to("cpu")
-    import numpy as np
+_F32_MAX = float(torch.finfo(torch.float32).max)
 
-    return torch.from_numpy(np.asarray(x))
+
+def _as_tensor(x: Any, what: str = "directions") -> torch.Tensor:
+    """A real, finite-in-float32 numeric tensor (on CPU) from a tensor or array-like; anything
+    else raises :class:`SubspaceError` / :class:`DegenerateDirectionsError`."""
+    if torch.is_tensor(x):
+        T = x.detach().to("cpu")
+    else:
+        import numpy as np
+
+        if x is None or isinstance(x, str | bytes | dict | set):
+            raise SubspaceError(f"{what} must be a tensor or an array of numbers, got {type(x).__name__} {x!r:.60}.",
+                                "pass a torch tensor, numpy array or nested list of floats, (k x d) or (d,).")
+        try:
+            arr = np.asarray(x)
+            if arr.dtype == object or arr.dtype.kind not in "biufc":
+                raise TypeError(f"dtype {arr.dtype}")
+            T = torch.from_numpy(arr)
+        except (TypeError, ValueError) as e:
+            raise SubspaceError(f"{what} must be numbers, got {type(x).__name__} that numpy reads as {e}.",
+                                "pass a torch tensor, numpy array or nested list of floats, (k x d) or (d,).") from None
+    if T.is_complex():
+        raise SubspaceError(f"{what} are complex ({T.dtype}); directions in the residual stream are real.",
+                            "pass the real part explicitly (tensor.real) if that is what you mean.")
+    if T.dtype == torch.bool or not (T.is_floating_point() or T.dtype in (torch.int8, torch.int16, torch.int32,
+                                                                          torch.int64, torch.uint8)):
+        raise SubspaceError(f"{what} have dtype {T.dtype}, not a number type.", "pass float values.")
+    if T.is_floating_point() and T.numel() and T.dtype == torch.float64:
+        finite = torch.isfinite(T)
+        if bool(finite.all()) and float(T.abs().max()) > _F32_MAX:
+            raise DegenerateDirectionsError(
+                f"{what} hold values up to {float(T.abs().max()):.3g}, beyond float32's range ({_F32_MAX:.3g}): "
+                "they would become inf.",
+                "rescale the directions (only their span matters), e.g. divide each row by its norm.")
+    return T
 
 
 def _key_str(key: LayerKey) -> str:
     return f"L{key}" if isinstance(key, int) else f"M{key}"
 
 
-def _key_from_str(s: str) -> LayerKey:
-    if s.startswith("L"):
+def _key_from_str(s: Any) -> LayerKey:
+    if isinstance(s, str) and s.startswith("L") and s[1:].lstrip("-").isdigit():
         return int(s[1:])
-    if s.startswith("M"):
+    if isinstance(s, str) and s.startswith("M") and len(s) > 1:
         return s[1:]
-    raise FileFormatError(f"bad layer key {s!r} in subspace file.")
+    raise FileFormatError(f"bad layer key {s!r} in subspace file.",
+                          "re-create the subspace with Subspace.save (keys are 'L<int>' or 'M<module name>').")
 
 
 def _check_key(key: Any) -> LayerKey:
     if isinstance(key, bool) or not isinstance(key, int | str):
         raise UnknownLayerError(
-            f"layer key {key!r} must be an int (residual layer) or a str (module/hook name)."
+            f"layer key {key!r} must be an int (residual layer) or a str (module/hook name).",
+            "use integer layers (L = output of block L) or module names as keys.",
         )
     if isinstance(key, int) and key < -1:
         raise UnknownLayerError(
@@ -102,6 +134,33 @@ def _check_key(key: Any) -> LayerKey:
             "layers count block outputs from 0 (see gradroute.layers).",
         )
     return key
+
+
+def _int_layer(L: Any) -> int:
+    j = _index(L)
+    if j is None and isinstance(L, str) and L.strip().lstrip("-").isdigit():
+        j = int(L)
+    if j is None:
+        raise UnknownLayerError(f"layer {L!r} is not a layer number.", "pass integer layers (L = output of block L).")
+    return j
+
+
+def _index(x: Any) -> int | None:
+    """``x`` as an int if it is an integer (Python, numpy or 0-d torch), else None."""
+    import operator
+
+    if isinstance(x, bool):
+        return None
+    try:
+        return operator.index(x)
+    except TypeError:
+        return None
+
+
+def _check_other(other: Any, what: str) -> None:
+    if not isinstance(other, Subspace):
+        raise SubspaceError(f"{what} needs another gradroute.Subspace, got {type(other).__name__}.",
+                            "pass a Subspace (e.g. gradroute.Subspace.load(path)).")
 
 
 class Subspace:
@@ -170,13 +229,15 @@ class Subspace:
         if isinstance(directions, Mapping):
             if layers is not None:
                 raise SubspaceError("pass layers= only with a single direction array, not a dict.")
-            per_layer = {_check_key(k): _as_tensor(v) for k, v in directions.items()}
+            per_layer = {_check_key(k): _as_tensor(v, f"layer {k!r}: directions") for k, v in directions.items()}
         else:
             if layers is None:
                 raise SubspaceError(
                     "a single direction array needs layers=[...] to say where it applies.",
                     "pass layers=[L, ...] or a dict {layer: directions}.",
                 )
+            if isinstance(layers, str | bytes | int) or not isinstance(layers, Iterable):
+                raise SubspaceError(f"layers must be a list of layer keys, got {layers!r}.", "pass layers=[L, ...].")
             arr = _as_tensor(directions)
             per_layer = {_check_key(k): arr for k in layers}
         if not per_layer:
@@ -188,8 +249,10 @@ class Subspace:
         bases, dirs, nms = {}, {}, {}
         for key, D in per_layer.items():
             D = D[None] if D.ndim == 1 else D
-            if D.ndim != 2:
-                raise SubspaceError(f"layer {key!r}: directions must be (k x d) or (d,), got {tuple(D.shape)}.")
+            if D.ndim != 2 or D.shape[0] == 0 or D.shape[1] == 0:
+                raise SubspaceError(f"layer {key!r}: directions must be a non-empty (k x d) or (d,) array, "
+                                    f"got shape {tuple(D.shape)}.",
+                                    "pass at least one direction of the model's hidden size at each layer.")
             if hidden_size is not None and D.shape[1] != hidden_size:
                 raise HiddenSizeMismatchError(
                     f"layer {key!r}: directions have dimension {D.shape[1]} but the model's hidden "
@@ -202,11 +265,19 @@ class Subspace:
                 if key not in names:
                     raise SubspaceError(f"names has no entry for layer {key!r}.",
                                         "give names for every layer, or one list used at every layer.")
-                nm = list(names[key])
+                nm = names[key]
             else:
-                nm = list(names)
+                nm = names
+            if isinstance(nm, str | bytes) or not isinstance(nm, Iterable):
+                raise SubspaceError(f"layer {key!r}: names must be a list of strings, got {nm!r}.",
+                                    'pass names=["a", "b", ...] (one per direction).')
+            nm = list(nm)
+            if not all(isinstance(n, str) and n for n in nm):
+                raise SubspaceError(f"layer {key!r}: names must be non-empty strings, got {nm!r}.",
+                                    'pass names=["a", "b", ...] (one per direction).')
             if len(nm) != D.shape[0]:
-                raise SubspaceError(f"layer {key!r}: {len(nm)} names for {D.shape[0]} directions.")
+                raise SubspaceError(f"layer {key!r}: {len(nm)} names for {D.shape[0]} directions.",
+                                    "give exactly one name per direction (row).")
             U, rep = P.orthonormalize(D, rtol=rtol, names=nm, on_degenerate=on_degenerate)
             bases[key] = U
             dirs[key] = D.to(torch.float32)[rep.kept]
@@ -229,13 +300,21 @@ class Subspace:
                   names: Mapping[LayerKey, Sequence[str]] | Sequence[str] | None = None) -> Subspace:
         """Axis-aligned directions (unit vectors e_i), e.g. reserved dimensions of a small latent:
         ``Subspace.from_axes({"bottleneck": [0]}, dim=4, names=["red"])``."""
+        dim = _index(dim)
+        if dim is None or dim < 1:
+            raise SubspaceError(f"dim must be an integer >= 1, got {dim!r}.", "pass the latent's dimension, e.g. dim=4.")
+        if not isinstance(axes, Mapping):
+            raise SubspaceError(f"axes must be a dict {{layer: [axis, ...]}}, got {axes!r}.",
+                                'pass e.g. {"bottleneck": [0, 1]}.')
         dirs = {}
         for key, idx in axes.items():
             E = torch.zeros(len(idx), dim)
             for row, i in enumerate(idx):
-                if not (0 <= int(i) < dim):
-                    raise UnknownLayerError(f"axis {i} is out of range for dimension {dim}.")
-                E[row, int(i)] = 1.0
+                j = _index(i)
+                if j is None or not (0 <= j < dim):
+                    raise UnknownLayerError(f"axis {i!r} is not an integer in 0..{dim - 1}.",
+                                            f"pick axes from 0 to {dim - 1}.")
+                E[row, j] = 1.0
             dirs[key] = E
         if names is None:
             names = {k: [f"e{i}" for i in idx] for k, idx in axes.items()}
@@ -275,29 +354,52 @@ class Subspace:
         from . import probe as _probe
         from .model import collect_activations, model_name, num_layers
 
+        from .errors import ProbeDataError
+
         if texts is not None:
             if positive is not None or negative is not None:
-                raise SubspaceError("pass either positive/negative or texts/labels, not both.")
-            if labels is None or len(labels) != len(texts):
-                from .errors import ProbeDataError
-
-                raise ProbeDataError(
-                    "texts= needs labels= of the same length (1 = positive, 0 = negative)."
-                )
-            positive = [t for t, y in zip(texts, labels) if int(y) == 1]
-            negative = [t for t, y in zip(texts, labels) if int(y) == 0]
-        _probe.check_probe_data(positive, negative, method)
+                raise SubspaceError("pass either positive/negative or texts/labels, not both.",
+                                    "drop positive=/negative=, or drop texts=/labels=.")
+            if labels is None:
+                raise ProbeDataError("texts= needs labels= of the same length (1 = positive, 0 = negative).",
+                                     "pass labels=[1, 0, ...].")
+            if isinstance(texts, str | bytes) or not hasattr(texts, "__len__"):
+                raise ProbeDataError(f"texts must be a list, got {type(texts).__name__}.", "pass texts=[...].")
+            labels = _probe.check_labels(labels, len(texts))
+            positive = [t for t, y in zip(texts, labels) if y == 1]
+            negative = [t for t, y in zip(texts, labels) if y == 0]
+        _probe.check_probe_data(positive, negative, method, k)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ProbeDataError(f"batch_size must be an integer >= 1, got {batch_size!r}.",
+                                 "pass batch_size=16 (lower it if memory runs out).")
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                       or max_length < 1):
+            raise ProbeDataError(f"max_length must be None or an integer >= 1, got {max_length!r}.",
+                                 "pass max_length=None (no truncation) or a token count.")
         n_layers = num_layers(model)
-        layers = list(range(n_layers)) if layers is None else [int(L) for L in layers]
+        if isinstance(layers, int | str):
+            layers = [layers]
+        layers = list(range(n_layers)) if layers is None else [_int_layer(L) for L in layers]
+        if not layers:
+            raise UnknownLayerError("layers=[] selects no layer.", "pass layers=[L, ...] or leave it unset (all).")
         from .layers import check_layer
 
         for L in layers:
             check_layer(L, n_layers)
-        acts = collect_activations(
-            model, tokenizer, list(positive) + list(negative), layers,
-            aggregation=aggregation, batch_size=batch_size, max_length=max_length,
-            progress=progress,
-        )
+        try:
+            acts = collect_activations(
+                model, tokenizer, list(positive) + list(negative), layers,
+                aggregation=aggregation, batch_size=batch_size, max_length=max_length,
+                progress=progress,
+            )
+        except IndexError as e:
+            emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+            rows = getattr(emb, "num_embeddings", "?")
+            raise ProbeDataError(
+                f"the tokenizer gives token ids the model has no embedding for (the model has {rows} "
+                f"token embeddings; the tokenizer has {len(tokenizer) if hasattr(tokenizer, '__len__') else '?'} "
+                f"tokens): {e}.",
+                "use the tokenizer that belongs to the model (or resize the model's embeddings).") from None
         is_pos = acts.text_index < len(positive)
         directions, diagnostics = {}, {}
         for L in layers:
@@ -374,9 +476,16 @@ class Subspace:
         from .layers import layer_from_hidden_states_index
 
         T = cls._peer_tensor(source, ("vector", "persona_vector", "vectors"))
+        if T.shape[0] < 2:
+            raise FileFormatError(
+                f"a Persona Vectors tensor has n_layers + 1 rows (one per hidden_states index); this one has "
+                f"{T.shape[0]}, so it holds no block output (its last row is the post-norm state).",
+                "pass the full [n_layers + 1, d] tensor saved by Persona Vectors.")
         n = T.shape[0] - 1
         avail = {layer_from_hidden_states_index(i, n): T[i] for i in range(n)}  # row n: post-norm
-        if layers is not None and n - 1 in [int(L) for L in layers]:
+        if isinstance(layers, int | str):
+            layers = [layers]
+        if layers is not None and n - 1 in [_int_layer(L) for L in layers]:
             raise UnknownLayerError(
                 f"layer {n - 1} (the last block) is not in a Persona Vectors file: its last row is "
                 "hidden_states[-1], taken after the final norm.",
@@ -398,6 +507,9 @@ class Subspace:
         from .layers import from_assistant_axis_index
 
         T = cls._peer_tensor(source, ("axis", "assistant_axis", "vector", "direction"))
+        if T.shape[0] < 1:
+            raise FileFormatError("the Assistant Axis tensor has no rows (it needs one per decoder block).",
+                                  "pass the full [n_layers, d] tensor saved by Assistant Axis.")
         avail = {from_assistant_axis_index(i): T[i] for i in range(T.shape[0])}
         return cls._from_indexed(avail, layers, range(T.shape[0]), name, "assistant_axis", source,
                                  model, extra={"file_rows": T.shape[0], "index_convention": "block outputs (i -> i)"})
@@ -421,14 +533,14 @@ class Subspace:
         path = Path(source) if isinstance(source, str | Path) else None
         per_layer: dict[LayerKey, torch.Tensor] | None = None
         if path is not None and path.suffix == ".safetensors":
-            tensors = _io.load_tensors(path)
+            tensors = _io.load_tensors(path)  # refuses an empty file
             if len(tensors) > 1 or next(iter(tensors)).removeprefix("layer.").lstrip("-").isdigit():
                 per_layer = {}
                 for key, t in tensors.items():
                     s = key.removeprefix("layer.")
                     per_layer[int(s) if s.lstrip("-").isdigit() else key] = t
         if per_layer is None:
-            T = _as_tensor(source) if path is None else _io.load_peer_tensor(path)
+            T = _as_tensor(source if path is None else _io.load_peer_tensor(path), str(source))
             if T.ndim == 3:
                 per_layer = {i: T[i] for i in range(T.shape[0])}
             elif T.ndim in (1, 2):
@@ -441,20 +553,23 @@ class Subspace:
                                           provenance=Provenance(source="file", extra={"path": str(source)}))
                 return sub
             else:
-                raise FileFormatError(f"{source}: expected a 1-, 2- or 3-D array, got shape {tuple(T.shape)}.")
+                raise FileFormatError(f"{source}: expected a 1-, 2- or 3-D array, got shape {tuple(T.shape)}.",
+                                      "save (k x d) directions with layers=[L], or a [layer, k, d] array.")
         if layers is not None:
             wanted = list(layers)
             missing = [L for L in wanted if L not in per_layer]
             if missing:
-                raise UnknownLayerError(f"{source} has no layers {missing}; it has {sort_keys(per_layer)}.")
+                raise UnknownLayerError(f"{source} has no layers {missing}; it has {sort_keys(per_layer)}.",
+                                        "pick layers from that list.")
             per_layer = {L: per_layer[L] for L in wanted}
         return cls.from_directions(per_layer, names=names, rtol=rtol, model=model,
                                    provenance=Provenance(source="file", extra={"path": str(source)}))
 
     @staticmethod
     def _peer_tensor(source: Any, keys: tuple[str, ...]) -> torch.Tensor:
-        T = _io.load_peer_tensor(source, keys) if isinstance(source, str | Path) else _as_tensor(source)
-        if T.ndim != 2:
+        T = _as_tensor(_io.load_peer_tensor(source, keys) if isinstance(source, str | Path) else source,
+                       f"{source}" if isinstance(source, str | Path) else "the tensor")
+        if T.ndim != 2 or T.shape[1] == 0:
             raise FileFormatError(
                 f"expected a [layers, d] tensor, got shape {tuple(T.shape)}.",
                 "pass the per-layer vector tensor of one trait.",
@@ -463,8 +578,13 @@ class Subspace:
 
     @classmethod
     def _from_indexed(cls, avail, layers, default, name, kind, source, model, extra) -> Subspace:
-        wanted = list(default) if layers is None else [int(L) for L in layers]
+        if isinstance(layers, int | str):
+            layers = [layers]
+        wanted = list(default) if layers is None else [_int_layer(L) for L in layers]
         missing = [L for L in wanted if L not in avail]
+        if not avail:
+            raise FileFormatError(f"the {kind} file holds no block-output vectors.",
+                                  "pass the full tensor saved by the tool that made it.")
         if missing:
             raise UnknownLayerError(
                 f"the {kind} file has no vector for layers {missing} (it covers layers "
@@ -582,6 +702,7 @@ class Subspace:
 
         Layers present in only one operand are copied. Names that clash get a ``'``.
         """
+        _check_other(other, "union")
         bases, dirs, nms = {}, {}, {}
         for L in sort_keys(set(self.layers) | set(other.layers)):
             if L in self and L in other:
@@ -606,6 +727,8 @@ class Subspace:
 
     def random_like(self, seed: int = 0) -> Subspace:
         """Haar-random subspace with the same layers, dimensions and ranks (the control)."""
+        if _index(seed) is None:
+            raise SubspaceError(f"seed must be an integer, got {seed!r}.", "pass seed=0 (or another int).")
         g = torch.Generator().manual_seed(int(seed))
         bases, dirs, nms = {}, {}, {}
         for L, U in self._bases.items():
@@ -618,11 +741,13 @@ class Subspace:
 
     def principal_angles(self, other: Subspace, layer: LayerKey) -> torch.Tensor:
         """Principal angles (radians, ascending) between this and ``other`` at ``layer``."""
+        _check_other(other, "principal_angles")
         c = P.principal_cosines(self._get(self._bases, layer), other._get(other._bases, layer))
         return torch.arccos(c)
 
     def overlap(self, other: Subspace) -> dict[LayerKey, float]:
         """Mean squared principal cosine per shared layer (1 = nested, ~k/d for random)."""
+        _check_other(other, "overlap")
         return {L: P.overlap(self._bases[L], other._bases[L]) for L in self.layers if L in other}
 
     # ------------------------------------------------------------------ model checks
@@ -674,11 +799,19 @@ class Subspace:
     def __hash__(self) -> int:
         return hash(self.content_hash)
 
-    def save(self, path: str | Path) -> Path:
-        """Write ``path/`` with ``subspace.safetensors`` and a ``subspace.json`` sidecar."""
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write ``path/`` with ``subspace.safetensors`` and a ``subspace.json`` sidecar.
+
+        A directory that already holds files is refused unless ``overwrite=True`` (then the
+        subspace files in it are replaced)."""
+        if not isinstance(path, str | Path):
+            raise FileFormatError(f"path must be a str or Path, got {type(path).__name__}.", "pass a directory path.")
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise FileFormatError(f"{path} exists and is not a directory.", "choose another path.")
+        if path.is_dir() and any(path.iterdir()) and not overwrite and not self._same_or_partial(path):
+            raise FileFormatError(f"{path} already exists and is not empty; saving would overwrite it.",
+                                  "choose a new path, or pass overwrite=True (CLI: --force).")
         path.mkdir(parents=True, exist_ok=True)
         _io.save_tensors(path / TENSOR_FILE, self._tensors())
         meta = {
@@ -694,9 +827,25 @@ class Subspace:
         _io.write_json(path / META_FILE, meta)
         return path
 
+    def _same_or_partial(self, path: Path) -> bool:
+        """True when ``path`` holds this very subspace, or only a save of ours cut short (no sidecar)."""
+        names = {p.name for p in path.iterdir()}
+        if not names <= {TENSOR_FILE, META_FILE, TENSOR_FILE + ".tmp", META_FILE + ".tmp"}:
+            return False
+        if META_FILE not in names:
+            return True
+        try:
+            meta = _io.read_json(path / META_FILE)
+        except FileFormatError:
+            return False
+        return isinstance(meta, dict) and meta.get("content_hash") == self.content_hash
+
     @classmethod
     def load(cls, path: str | Path) -> Subspace:
         """Read a subspace written by :meth:`save`, verifying its checksums."""
+        if not isinstance(path, str | Path):
+            raise FileFormatError(f"path must be a str or Path, got {type(path).__name__}.",
+                                  "pass the directory written by Subspace.save.")
         path = Path(path)
         if not path.is_dir():
             raise FileFormatError(
@@ -706,7 +855,11 @@ class Subspace:
         meta = _io.read_json(path / META_FILE)
         if not isinstance(meta, dict) or meta.get("format") != "gradroute.subspace":
             raise FileFormatError(f"{path / META_FILE} is not a gradroute subspace sidecar.")
-        if meta.get("format_version", 0) > FORMAT_VERSION:
+        version = meta.get("format_version", 0)
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise FileFormatError(f"{path / META_FILE}: format_version is {version!r}, not an integer.",
+                                  "restore the original sidecar or rebuild the subspace.")
+        if version > FORMAT_VERSION:
             raise FileFormatError(
                 f"{path} was written by a newer gradroute (format {meta['format_version']}).",
                 "upgrade gradroute.",
@@ -723,16 +876,20 @@ class Subspace:
                 "file is corrupt or was modified.",
                 "restore the original file or rebuild the subspace.",
             )
+        if "tensor_sha256" not in meta:
+            raise FileFormatError(f"{path / META_FILE} has no tensor_sha256.", "rebuild the subspace.")
         tensors = _io.load_tensors(path / TENSOR_FILE)
         try:
             keys = [_key_from_str(s) for s in meta["layers"]]
             bases = {k: tensors[f"basis.{_key_str(k)}"] for k in keys}
             dirs = {k: tensors[f"directions.{_key_str(k)}"] for k in keys}
             names = {k: meta["names"][_key_str(k)] for k in keys}
-        except KeyError as e:
-            raise FileFormatError(f"{path} is missing entry {e}.") from None
-        sub = cls(bases, dirs, names, Provenance.from_dict(meta.get("provenance", {})))
-        if sub.content_hash != meta["content_hash"]:
+            prov = Provenance.from_dict(meta.get("provenance", {}))
+        except (KeyError, TypeError, AttributeError) as e:
+            raise FileFormatError(f"{path} is missing or has a malformed entry ({type(e).__name__}: {e}).",
+                                  "restore the original files or rebuild the subspace.") from None
+        sub = cls(bases, dirs, names, prov)
+        if sub.content_hash != meta.get("content_hash"):
             raise FileFormatError(f"{path}: content hash mismatch.", "rebuild the subspace.")
         return sub
 

@@ -16,11 +16,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "an update-mode persona arm always runs too)")
     p.add_argument("--adapter-lr-multiplier", type=float, default=None,
                    help="adapter learning rate / the policy's (activation and gradient modes; default: 30, from the toy-world sweep)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out that is not a demo directory")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from ..demo import run_demo
+    from ._common import check_out_dir
+
+    out = Path(args.out)
+    own = out.is_dir() and ((out / "report.json").is_file() or (out / "runs").is_dir())
+    check_out_dir(args.out, args.force, allow_existing=own)  # a previous demo run is regenerated in place
 
     summary = run_demo(out=args.out, quick=args.quick, seed=args.seed, mode=args.mode,
                        adapter_lr_multiplier=args.adapter_lr_multiplier)

@@ -14,7 +14,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..report import report
+    from pathlib import Path
 
+    from ..errors import FileFormatError
+    from ..report import report
+    from ._common import check_out_dir
+
+    if not Path(args.run_dir).is_dir():
+        raise FileFormatError(f"{args.run_dir} is not a directory.",
+                              "pass a run directory (a trainer output_dir with gradroute.jsonl, or a demo directory).")
+    if args.out is not None:
+        check_out_dir(args.out, allow_existing=True)  # a report is regenerated in place; a file is refused
     print(report(args.run_dir, args.out))
     return 0

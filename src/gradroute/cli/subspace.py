@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, FileFormatError, ProbeDataError
+from ._common import check_out_dir, load_model
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--sae", help="sae-lens SAE folder (cfg.json + sae_weights.safetensors)")
     b.add_argument("--latents", type=int, nargs="+", help="SAE latent ids")
     b.add_argument("--layer", type=int, help="override the SAE's layer")
+    b.add_argument("--force", action="store_true", help="overwrite a non-empty --out directory")
     b.set_defaults(func=_build)
 
     i = ss.add_parser("inspect", help="print layers, ranks, names and provenance")
@@ -48,7 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--layers", type=int, nargs="+", help="layers to keep (gradroute convention)")
     m.add_argument("--name", help="direction name")
     m.add_argument("--model", help="check against this model (name or path)")
-    m.add_argument("--out", required=True, help="output subspace directory")
+    m.add_argument("--out", required=True, help="output subspace directory (new, or --force)")
+    m.add_argument("--force", action="store_true", help="overwrite a non-empty --out directory")
     m.set_defaults(func=_import)
 
 
@@ -56,18 +59,36 @@ def read_probe_file(path: str | Path) -> tuple[list[Any], list[int]]:
     """Texts and labels from JSONL/CSV rows with text|prompt+response and label."""
     path = Path(path)
     if not path.is_file():
-        raise FileFormatError(f"{path} does not exist.")
-    rows: list[dict[str, Any]] = []
+        raise FileFormatError(f"{path} does not exist.", "pass --texts with a JSONL or CSV file.")
+    fix = ("write one JSON object per line, e.g. {\"text\": \"...\", \"label\": 1} "
+           "(or a CSV with a header row text,label).")
+    try:
+        content = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise FileFormatError(f"{path}:{line} is not UTF-8 text (binary data?).", "save the file as UTF-8 text; " + fix) from None
+    if "\x00" in content:
+        line = content[: content.index("\x00")].count("\n") + 1
+        raise FileFormatError(f"{path}:{line} holds NUL bytes (binary data?).", fix)
+    rows: list[Any] = []
     if path.suffix.lower() == ".csv":
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
+        try:
+            rows = list(csv.DictReader(content.splitlines()))
+        except csv.Error as e:
+            raise FileFormatError(f"{path} is not a readable CSV file ({e}).", fix) from None
     else:
-        for n, line in enumerate(path.read_text().splitlines(), 1):
+        for n, line in enumerate(content.splitlines(), 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise FileFormatError(f"{path}:{n} is not valid JSON ({e}).") from e
+                    rec = json.loads(line)
+                except (json.JSONDecodeError, RecursionError) as e:
+                    raise FileFormatError(f"{path}:{n} is not valid JSON ({e}).", fix) from None
+                if not isinstance(rec, dict):
+                    raise FileFormatError(f"{path}:{n} is a JSON {type(rec).__name__} ({line.strip()[:40]}), "
+                                          "not an object with 'text' and 'label'.", fix)
+                rows.append(rec)
+    if not rows:
+        raise ProbeDataError(f"{path} holds no rows.", fix)
     texts: list[Any] = []
     labels: list[int] = []
     for n, r in enumerate(rows, 1):
@@ -76,15 +97,24 @@ def read_probe_file(path: str | Path) -> tuple[list[Any], list[int]]:
         try:
             lab = int(float(r["label"]))
         except (TypeError, ValueError):
-            raise ProbeDataError(f"{path} row {n}: label {r['label']!r} is not 0 or 1.") from None
-        if lab not in (0, 1):
-            raise ProbeDataError(f"{path} row {n}: label {lab} is not 0 or 1.")
+            raise ProbeDataError(f"{path} row {n}: label {r['label']!r} is not 0 or 1.",
+                                 "use label 1 (positive) or 0 (negative).") from None
+        if isinstance(r["label"], bool) or lab not in (0, 1) or float(r["label"]) != lab:
+            raise ProbeDataError(f"{path} row {n}: label {r['label']!r} is not 0 or 1.",
+                                 "use label 1 (positive) or 0 (negative).")
+        def text_of(key: str) -> str:
+            v = r[key]
+            if not isinstance(v, str):
+                raise ProbeDataError(f"{path} row {n}: {key!r} is {v!r}, not a string.",
+                                     f"write the {key} as a JSON string.")
+            return v
         if "text" in r:
-            texts.append(str(r["text"]))
+            texts.append(text_of("text"))
         elif "prompt" in r and "response" in r:
-            texts.append((str(r["prompt"]), str(r["response"])))
+            texts.append((text_of("prompt"), text_of("response")))
         else:
-            raise ProbeDataError(f"{path} row {n} has neither 'text' nor 'prompt'+'response'.")
+            raise ProbeDataError(f"{path} row {n} has neither 'text' nor 'prompt'+'response'.",
+                                 "give each row a 'text' (or 'prompt' and 'response').")
         labels.append(lab)
     return texts, labels
 
@@ -93,24 +123,26 @@ def _build(args: argparse.Namespace) -> int:
     from ..subspace import Subspace
 
     if bool(args.texts) == bool(args.sae):
-        raise ConfigError("pass exactly one of --texts (probe) or --sae (SAE latents).")
+        raise ConfigError("pass exactly one of --texts (probe) or --sae (SAE latents).",
+                          "add --texts FILE --model M, or --sae DIR --latents N ...")
     if args.texts and not args.model:
-        raise ConfigError("--texts needs --model to compute activations.")
+        raise ConfigError("--texts needs --model to compute activations.", "add --model NAME_OR_PATH.")
+    if args.sae and not args.latents:
+        raise ConfigError("--sae needs --latents.", "add --latents ID [ID ...].")
+    check_out_dir(args.out, args.force)
     texts, labels = read_probe_file(args.texts) if args.texts else ([], [])  # validate before loading
     model = None
     if args.model:
-        from ..integrations.transformers import load_model_and_tokenizer
-
-        model, tok = load_model_and_tokenizer(args.model)
+        model, tok = load_model(args.model)
+        if args.texts and tok is None:
+            raise ConfigError(f"--model {args.model} has no tokenizer.", "pass a model directory with tokenizer files.")
     if args.texts:
         sub = Subspace.from_probe(model, tok, texts=texts, labels=labels, layers=args.layers,
                                   method=args.method, k=args.k, aggregation=args.aggregation,
                                   batch_size=args.batch_size)
     else:
-        if not args.latents:
-            raise ConfigError("--sae needs --latents.")
         sub = Subspace.from_sae(args.sae, args.latents, layer=args.layer, model=model)
-    sub.save(args.out)
+    sub.save(args.out, overwrite=args.force)
     print(sub.summary())
     print(f"saved to {args.out}")
     return 0
@@ -156,18 +188,17 @@ def _inspect(args: argparse.Namespace) -> int:
 def _import(args: argparse.Namespace) -> int:
     from ..subspace import Subspace
 
+    check_out_dir(args.out, args.force)
     model = None
     if args.model:
-        from ..integrations.transformers import load_model_and_tokenizer
-
-        model, _ = load_model_and_tokenizer(args.model)
+        model, _ = load_model(args.model)
     if args.format == "persona_vectors":
         sub = Subspace.from_persona_vectors(args.path, args.layers, name=args.name or "persona", model=model)
     elif args.format == "assistant_axis":
         sub = Subspace.from_assistant_axis(args.path, args.layers, name=args.name or "assistant_axis", model=model)
     else:
         sub = Subspace.from_file(args.path, args.layers, names=[args.name] if args.name else None, model=model)
-    sub.save(args.out)
+    sub.save(args.out, overwrite=args.force)
     print(sub.summary())
     print(f"saved to {args.out}")
     return 0

@@ -8,8 +8,11 @@ scheduler → ``zero_grad`` → ``global_step += 1`` → ``on_step_end`` → log
 - accounts the step in ``on_optimizer_step`` (gradients still present; a step the optimizer
   skipped, e.g. an AMP overflow, is not counted), logs it, applies the halt policy — a stop
   writes the halt record first, then asks the trainer to save a checkpoint and stop;
-- writes the router state into every checkpoint (``checkpoint-N/gradroute/``) and restores it,
-  and continues the log, when training resumes from one;
+- writes the router state into every checkpoint (``checkpoint-N/gradroute/``), then, last, a
+  checksum manifest over every file there (:func:`gradroute._io.write_manifest`); on resume it
+  verifies the manifest (an incomplete or damaged checkpoint is refused, naming the last
+  complete one), refuses non-finite weights or router state (pointing to
+  :func:`gradroute.last_clean_checkpoint`), restores the state and continues the log;
 - puts the monitor's scalars into the trainer's logs (so W&B/TensorBoard get them).
 """
 
@@ -24,7 +27,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..distributed import world_size
-from ..errors import GradrouteWarning
+from ..errors import CheckpointError, GradrouteWarning
 
 if TYPE_CHECKING:
     from ..monitor import DriftMonitor
@@ -46,6 +49,70 @@ def _main_decides(flag: bool) -> bool:
     from ..distributed import all_reduce_sum, rank
 
     return bool(all_reduce_sum([torch.tensor([1.0 if (flag and rank() == 0) else 0.0])])[0].item() > 0)
+
+
+def _nonfinite_params(model: Any, limit: int = 3) -> list[str]:
+    bad = []
+    if model is None:
+        return bad
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if (p.is_floating_point() or p.is_complex()) and not bool(torch.isfinite(p).all()):
+                bad.append(name)
+                if len(bad) >= limit:
+                    break
+    return bad
+
+
+def _restart_hint(run_dir: Path, step: int) -> Path | None:
+    """The checkpoint to restart from: the log's last clean one, else the newest complete one before ``step``."""
+    from ..monitor import last_clean_checkpoint, last_complete_checkpoint
+
+    try:
+        clean = last_clean_checkpoint(run_dir)
+    except Exception:  # no or unreadable log: fall back to the directories
+        clean = None
+    if clean is not None and _step_of(clean) is not None and _step_of(clean) < step:
+        return clean
+    return last_complete_checkpoint(run_dir, before=step)
+
+
+def _step_of(path: Path) -> int | None:
+    tail = Path(path).name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else None
+
+
+def check_resumable(ckpt: str | Path, run_dir: str | Path, model: Any = None) -> None:
+    """Refuse to resume from ``ckpt`` when its gradroute state is incomplete or damaged (manifest),
+    or its weights (``model`` as loaded from it, else its weight files) or router state are NaN/Inf.
+
+    Raises :class:`~gradroute.errors.CheckpointError` naming the problem and the checkpoint to
+    use instead (:func:`gradroute.last_clean_checkpoint`, else the last complete one)."""
+    from .. import _io
+    from ..router import STATE_FILE
+
+    ckpt, run_dir = Path(ckpt), Path(run_dir)
+    step = _step_of(ckpt) or 0
+    hint = _restart_hint(run_dir, step)
+    where = (f"resume from {hint} (gradroute.last_clean_checkpoint({str(run_dir)!r})): "
+             f"trainer.train(resume_from_checkpoint={str(hint)!r})" if hint is not None else
+             f"no earlier clean checkpoint exists in {run_dir}: start the run again")
+    state = ckpt / STATE_DIR
+    if state.is_dir():
+        _io.verify_manifest(state, last_good=hint)
+    bad: list[str] = []
+    if model is not None:
+        bad = [f"weight {n}" for n in _nonfinite_params(model)]
+    else:
+        for f in sorted(ckpt.glob("*.safetensors")):
+            bad += [f"{f.name}: {n}" for n in _io.nonfinite_tensors(f)]
+    if state.is_dir() and (state / STATE_FILE).is_file():
+        bad += [f"router state: {n}" for n in _io.nonfinite_tensors(state / STATE_FILE)]
+    if bad:
+        raise CheckpointError(
+            f"{ckpt} holds NaN/Inf values ({', '.join(bad[:4])}): training diverged before it was saved "
+            "(it is typically the checkpoint written at a non-finite halt), so resuming from it would "
+            "continue from NaN.", where + ".")
 
 
 class RouterCallback(TrainerCallback):
@@ -85,6 +152,9 @@ class RouterCallback(TrainerCallback):
         self._bind(optimizer)
         if state.global_step > 0:
             ckpt = Path(self.resume_from) if self.resume_from else checkpoint_dir(args, state.global_step)
+            run_dir = self.monitor.run_dir if self.monitor is not None and self.monitor.run_dir is not None \
+                else Path(args.output_dir)
+            check_resumable(ckpt, run_dir, model if model is not None else self.router.model)
             if (ckpt / STATE_DIR).is_dir():
                 self.router.load_state(ckpt / STATE_DIR)
             elif self.allow_missing_state:
@@ -95,11 +165,13 @@ class RouterCallback(TrainerCallback):
             else:
                 from ..errors import AdapterError
 
+                hint = _restart_hint(run_dir, state.global_step)
                 raise AdapterError(
                     f"resuming at step {state.global_step} but {ckpt / STATE_DIR} does not exist, so the adapter "
                     "and the environments' shares up to that step would be lost.",
-                    "resume from a checkpoint saved with gradroute attached, or pass allow_missing_state=True "
-                    "to start the adapter empty there.",
+                    "resume from a checkpoint saved with gradroute attached"
+                    + (f" (the last complete one is {hint})" if hint is not None else "")
+                    + ", or pass allow_missing_state=True to start the adapter empty there.",
                 )
             if self.monitor is not None:
                 self.monitor.on_resume(state.global_step)
@@ -137,7 +209,11 @@ class RouterCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         ckpt = checkpoint_dir(args, state.global_step)
         if state.is_world_process_zero and ckpt.is_dir():
+            from .. import _io
+
+            (ckpt / STATE_DIR / _io.MANIFEST_NAME).unlink(missing_ok=True)  # incomplete until rewritten
             self.router.save_state(ckpt / STATE_DIR)
+            _io.write_manifest(ckpt / STATE_DIR)  # last: it vouches for every file written before it
             if self.monitor is not None:
                 self.monitor.on_checkpoint(state.global_step, ckpt)
         return control

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ..errors import EnvColumnError, PackingError
+from ..errors import ConfigError, EnvColumnError, PackingError, SubspaceError
 from ..monitor import DriftMonitor, last_clean_checkpoint, load_log
 from ..policy import HaltPolicy
 from ..router import GradientRouter
@@ -67,11 +67,23 @@ def _check_column(dataset: Any, column: str, error: type, fix: str) -> bool:
     return True
 
 
+def _env_name(value: Any, where: str) -> str:
+    """An environment name from a column value; None, NaN and empty values are refused."""
+    if value is None or (isinstance(value, float) and value != value) or (isinstance(value, str) and not value.strip()):
+        raise EnvColumnError(f"{where} has no environment (its env value is {value!r}); it would be counted as an "
+                             f"environment named {str(value)!r}.",
+                             "fill in every row's environment (or drop those rows) before training.")
+    if isinstance(value, list | dict | tuple | set):
+        raise EnvColumnError(f"{where} has environment {value!r}, not a single name.",
+                             "give each row one environment name (a string).")
+    return str(value)
+
+
 def _dataset_envs(dataset: Any, column: str) -> list[str] | None:
     if not _check_column(dataset, column, EnvColumnError,
                          "add a column naming each row's environment, or pass env_column=<its name>."):
         return None
-    return sorted({str(v) for v in dataset[column]})
+    return sorted({_env_name(v, f"row {i} of the training dataset") for i, v in enumerate(dataset[column])})
 
 
 def carry_column(trainer: Any, column: str, key: str, encode: Any) -> None:
@@ -221,6 +233,29 @@ def attach(
     """
     from .trainer import RouterCallback
 
+    if not (hasattr(trainer, "callback_handler") and hasattr(trainer, "args") and hasattr(trainer, "model")):
+        raise ConfigError(f"attach needs a transformers Trainer or TRL trainer, got {type(trainer).__name__}.",
+                          "build the trainer first (GRPOTrainer(...), SFTTrainer(...), Trainer(...)), then attach it; "
+                          "for a plain PyTorch loop use gradroute.GradientRouter.")
+    if any(getattr(c, "_gradroute", False) and isinstance(c, RouterCallback)
+                                                    for c in trainer.callback_handler.callbacks):
+        raise ConfigError("gradroute is already attached to this trainer (attaching twice would count every step "
+                          "twice and log each step twice).",
+                          "keep the first handle, or call handle.detach() before attaching again.")
+    if isinstance(subspace, str | Path):
+        subspace = Subspace.load(subspace)  # a typed FileFormatError if it is not a subspace directory
+    elif not isinstance(subspace, Subspace):
+        raise SubspaceError(f"subspace must be a gradroute.Subspace or the path of a saved one, got "
+                            f"{type(subspace).__name__}.",
+                            "pass gradroute.Subspace.load(path), a Subspace.from_* result, or the directory path.")
+    if policy is not None and not isinstance(policy, HaltPolicy):
+        hint = (f"pass policy=gradroute.HaltPolicy(**{policy!r})" if isinstance(policy, dict)
+                else "pass policy=gradroute.HaltPolicy(max_adapter_norm=..., ...)")
+        raise ConfigError(f"policy must be a gradroute.HaltPolicy, got {type(policy).__name__}.", hint + ".")
+    if envs is not None:
+        if isinstance(envs, str | bytes) or not isinstance(envs, Sequence | set | frozenset):
+            raise EnvColumnError(f"envs must be a list of environment names, got {envs!r}.", "pass envs=[\"a\", \"b\"].")
+        envs = [_env_name(e, "envs=[...]") for e in envs]
     rl = _is_rl(trainer)
     if env_column is not None and not rl:
         _refuse_packing(trainer, "per-row environment attribution would mix environments",
@@ -255,12 +290,14 @@ def attach(
 
         def ids_of(rows: Sequence[dict[str, Any]], device: Any) -> torch.Tensor:
             try:
-                return torch.tensor([index[str(r[env_column])] for r in rows], dtype=torch.long, device=device)
+                return torch.tensor([index[_env_name(r[env_column], "a training row")] for r in rows],
+                                    dtype=torch.long, device=device)
             except KeyError as e:
                 raise EnvColumnError(f"a row has environment {e} or lacks the column {env_column!r}.",
                                      "give every row one of the declared environments.") from None
 
         if rl:
+            warned_nonfinite: set[str] = set()
             gen = trainer._generate_and_score_completions
             calc = trainer._calculate_rewards
 
@@ -274,14 +311,38 @@ def attach(
                 rpf = calc(inputs, *a, **kw)
                 if trainer.model.training:
                     w = trainer.reward_weights.to(rpf.device)
-                    total = (rpf * w.unsqueeze(0)).nansum(dim=1)
+                    weighted = rpf * w.unsqueeze(0)
+                    total = weighted.nansum(dim=1)
+                    # a reward function returns None (NaN here) for rows it does not apply to; a row
+                    # is non-finite when no function scored it, or when one gave Inf/NaN arithmetic
+                    bad = torch.isnan(weighted).all(dim=1) | torch.isinf(weighted).any(dim=1)
                     # TRL gathers the rewards of every process; this rank's rows are its slice
                     from ..distributed import rank
 
                     if total.shape[0] != len(inputs):
                         start = rank() * len(inputs)
                         total = total[start : start + len(inputs)]
-                    attribution.record_rewards([str(r[env_column]) for r in inputs], total.tolist())
+                        bad = bad[start : start + len(inputs)]
+                    names = [_env_name(r[env_column], "a training row") for r in inputs]
+                    values = [float("nan") if b else t for t, b in zip(total.tolist(), bad.tolist())]
+                    attribution.record_rewards(names, values)  # NaN rewards are left out of the means
+                    if bool(bad.any()):
+                        counts: dict[str, int] = {}
+                        for name, b in zip(names, bad.tolist()):
+                            if b:
+                                counts[name] = counts.get(name, 0) + 1
+                        monitor.count_nonfinite_rewards(counts)
+                        new = sorted(set(counts) - warned_nonfinite)
+                        if new:
+                            import warnings
+
+                            from ..errors import GradrouteWarning
+
+                            warned_nonfinite.update(new)
+                            warnings.warn(
+                                f"NaN/None rewards in environment(s) {new} ({counts}): they are left out of the "
+                                "mean reward (TRL counts them as 0) and counted in the log as nonfinite_rewards; "
+                                "HaltPolicy(max_nonfinite_rewards=N) halts on them.", GradrouteWarning, stacklevel=2)
                 return rpf
 
             _patch(trainer, "_generate_and_score_completions", generate_and_score)
