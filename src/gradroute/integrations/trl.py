@@ -131,6 +131,25 @@ def _metrics_sink(trainer: Any) -> Any:
     return None
 
 
+def _wrap_log(trainer: Any, callback: Any) -> None:
+    """Add the monitor's scalars to every training log inside ``trainer.log``.
+
+    ``Trainer.log`` hands the logs to the callbacks, reporters included, so values added
+    here reach W&B/TensorBoard/JSON whatever the callback order. They are not routed through
+    TRL's ``_metrics``, which averages everything over the ``logging_steps`` window: each
+    logged value is that of the logged step, counts are summed over the window
+    (:meth:`gradroute.DriftMonitor.metrics`)."""
+    log = trainer.log
+
+    def wrapped(logs, *a, **kw):
+        if isinstance(logs, dict) and "loss" in logs:  # a training log (evaluation logs say eval_loss)
+            logs.update(callback.log_metrics())
+        return log(logs, *a, **kw)
+
+    _patch(trainer, "log", wrapped)
+    callback.log_wrapped = True
+
+
 def _patch(trainer: Any, name: str, new: Any) -> None:
     """Replace ``trainer.<name>``, remembering the original so :meth:`Handle.detach` can restore it."""
     undo = trainer.__dict__.setdefault("_gradroute_undo", [])
@@ -287,8 +306,9 @@ def attach(
 
         wrap_compute_loss(trainer, ENV_KEY, before=set_envs, pop=not rl)
 
-    callback = RouterCallback(router, monitor, metrics_sink=_metrics_sink(trainer), allow_missing_state=allow_missing_state)
+    callback = RouterCallback(router, monitor, allow_missing_state=allow_missing_state)
     _insert_callback(trainer, callback)
+    _wrap_log(trainer, callback)
     train = trainer.train
 
     def train_with_resume_path(*a, resume_from_checkpoint=None, **kw):
