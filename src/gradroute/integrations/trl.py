@@ -178,8 +178,22 @@ class Handle:
         """The halt record, if the policy stopped the run."""
         return self.monitor.halt
 
-    def save_adapter(self, path: str | Path, env: str | None = None, base: str = "modules") -> Path:
-        return self.router.save_adapter(path, env=env, base=base)
+    def save_adapter(self, path: str | Path, env: str | None = None, base: str = "modules", *,
+                     lora_bias: str = "keep", base_name: str | None = None) -> Path:
+        """Write the persona adapter (or ``env``'s share) as a plain PEFT LoRA.
+
+        ``base="model"`` also writes the discarded model (trained minus the adapter) with the
+        trainer's tokenizer under ``path/base`` and points ``base_model_name_or_path`` at it, so
+        that ``AutoPeftModelForCausalLM.from_pretrained(path)`` gives the trained model and
+        ``vllm serve path/base --enable-lora --lora-modules persona=path`` serves both.
+        ``lora_bias="fold"`` writes a bias-free adapter (what vLLM loads); see
+        :func:`gradroute.integrations.peft.save_adapter`."""
+        from .peft import save_adapter
+
+        tok = getattr(self.trainer, "processing_class", None)
+        tok = tok if base == "model" and hasattr(tok, "save_pretrained") else None
+        return save_adapter(self.router, path, env=env, base=base, lora_bias=lora_bias, base_name=base_name,
+                            tokenizer=tok)
 
     def discard(self, env: str | None = None) -> float:
         return self.router.discard(env)
