@@ -134,3 +134,23 @@ def test_metrics_window_rules():
     assert m["gradroute/nonfinite"] == 1.0
     assert mon.metrics()["gradroute/samples/a"] == 2.0  # default: the newest record alone
     assert mon.metrics(window=[]) == {}
+
+
+def test_the_halting_step_reaches_the_reporters_whatever_logging_steps(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model, _ = tiny_lm("llama")
+    ids = torch.randint(3, 100, (32, 8), generator=torch.Generator().manual_seed(0)).tolist()
+    ds = Dataset.from_dict({"input_ids": ids, "labels": ids, "env": ["a", "b"] * 16})
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, report_to=[],
+                             use_cpu=True, logging_steps=50, save_strategy="no", disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=ds)
+    g = torch.Generator().manual_seed(1)
+    handle = gr.attach(trainer, gr.Subspace.from_directions({2: torch.randn(1, 64, generator=g)}), env_column="env",
+                       policy=gr.HaltPolicy(max_adapter_norm=1e-9))
+    trainer.train()
+    assert handle.halted and handle.halted["step"] == 1 and trainer.state.global_step == 1
+    logged = [h for h in trainer.state.log_history if "gradroute/adapter_norm" in h]
+    assert [h["step"] for h in logged] == [1]
+    assert _close(logged[0]["gradroute/adapter_norm"], load_log(tmp_path).set_index("step").loc[1, "adapter_norm"])
+    assert logged[0]["gradroute/samples/a"] + logged[0]["gradroute/samples/b"] == 4
