@@ -78,14 +78,17 @@ class RouterCallback(TrainerCallback):
         self.metrics_sink = metrics_sink
         self.last_record: StepRecord | None = None
         self.halted = False
-        self.window: list[dict[str, Any]] = []  # step records since the last trainer log
+        # since the last trainer log: what the window's counts need from each step record
+        # (samples, rewards, non-finite flag), and the newest record in full
+        self.window: list[dict[str, Any]] = []
+        self._window_last: dict[str, Any] | None = None
         self.log_wrapped = False  # set by attach: trainer.log adds the metrics itself
 
     def log_metrics(self) -> dict[str, float]:
         """The scalars of the newest step for the trainer's logs; starts a new logging window."""
         if self.monitor is None or not self.window:
             return {}
-        out = self.monitor.metrics(window=self.window)
+        out = self.monitor.metrics(window=[*self.window[:-1], self._window_last])
         self.window = []
         return out
 
@@ -133,8 +136,10 @@ class RouterCallback(TrainerCallback):
         if self.monitor is not None:
             ckpt = str(checkpoint_dir(args, step))
             stop = self.monitor.observe(record, step=step, checkpoint=ckpt)
-            if self.monitor.last is not None:
-                self.window.append(self.monitor.last)
+            last = self.monitor.last
+            if last is not None and getattr(args, "logging_strategy", "steps") != "no":
+                self.window.append({k: last[k] for k in ("samples", "reward", "nonfinite") if k in last})
+                self._window_last = last
             if self.metrics_sink is not None:
                 self.metrics_sink(self.monitor.metrics())
         if _main_decides(stop):  # rank 0's log and history are authoritative
