@@ -425,13 +425,47 @@ class DriftMonitor:
         self.halt = None
         self._active = set()
 
-    def metrics(self, prefix: str = "gradroute/") -> dict[str, float]:
-        """The newest record as flat scalar metrics (for W&B / TensorBoard)."""
-        if self.last is None:
+    def metrics(self, prefix: str = "gradroute/", window: list[dict[str, Any]] | None = None) -> dict[str, float]:
+        """Flat scalar metrics for W&B / TensorBoard, true whatever the logging interval.
+
+        ``window`` holds the step records since the previous log, oldest first (default: the
+        newest record alone); the metrics describe its last step:
+
+        - running totals and that step's own figures (``adapter_norm`` and its per-layer
+          values, ``env_adapter_norm/<env>``, ``env_adapter_share/<env>``, ``update_norm``,
+          ``env_share/<env>``, ``grad_norm/<env>``, ``activation_norm/<env>/<layer>`` and the
+          signed activation projection ``activation/<env>/<layer>/<i>`` = coordinate i of the
+          mean ``Uᵀh``, the quantity the activation z-rule watches) are the values of the JSONL
+          record of that step, never averaged over the window;
+        - counts (``samples/<env>``) are summed over the window;
+        - ``reward/<env>`` is the mean of the window's per-step means (TRL averages its own
+          ``reward`` the same way);
+        - ``nonfinite`` is 1.0 when any step of the window had a non-finite update.
+        """
+        records = [r for r in (window if window is not None else [self.last]) if r is not None]
+        if not records:
             return {}
+        last = records[-1]
+        flat: dict[str, Any] = _flatten({k: v for k, v in last.items()
+                                         if k not in ("type", "step", "time", "activation", "samples", "reward",
+                                                      "nonfinite")})
+        for env, layers in (last.get("activation") or {}).items():
+            for layer, coords in layers.items():
+                for i, x in enumerate(coords if isinstance(coords, list | tuple) else [coords]):
+                    flat[f"activation.{env}.{layer}.{i}"] = x
+        samples: dict[str, float] = {}
+        rewards: dict[str, list[float]] = {}
+        for r in records:
+            for env, n in (r.get("samples") or {}).items():
+                samples[env] = samples.get(env, 0.0) + float(n)
+            for env, v in (r.get("reward") or {}).items():
+                if isinstance(v, int | float) and math.isfinite(v):
+                    rewards.setdefault(env, []).append(float(v))
+        flat.update({f"samples.{e}": n for e, n in samples.items()})
+        flat.update({f"reward.{e}": sum(v) / len(v) for e, v in rewards.items()})
+        flat["nonfinite"] = float(any(bool(r.get("nonfinite")) for r in records))
         out = {}
-        for k, v in _flatten({k: v for k, v in self.last.items()
-                              if k not in ("type", "step", "time", "activation")}).items():
+        for k, v in flat.items():
             if isinstance(v, bool):
                 v = float(v)
             if isinstance(v, int | float) and math.isfinite(v):

@@ -16,6 +16,31 @@ writer bias         —                          lora_B.bias = U c_b  (``lora_bi
 ==================  =========================  =========================
 
 so ``get_delta_weight()`` equals the router's ``U C`` exactly.
+
+Serving (``adapter_config.json``): ``task_type`` is ``"CAUSAL_LM"`` (``AutoPeftModelForCausalLM``
+works), ``lora_alpha / r = 1`` for every module (vLLM applies one scaling ``lora_alpha / r``
+to all modules and pads ranks itself, so ``rank_pattern`` does not change what it computes),
+and ``base_model_name_or_path`` names the model the adapter fits: the trained model minus the
+adapter, i.e. the discarded model. With ``base="model"`` that model is written to
+``<adapter>/base`` and the field is its absolute path (``base_name=`` overrides it, e.g. with
+the hub name the base is uploaded under); with ``base="modules"``/``"none"`` no complete base
+is written and the field is left empty unless ``base_name`` is given (the original model's
+name would load weights the adapter does not fit).
+
+Writer biases (GPT-2, GPT-NeoX, Qwen2's ... when ``route_bias``): the adapter's bias delta
+``U c_b`` is a constant added to the output; a bias-free LoRA ``B A x`` is linear in x, so it
+cannot express it. PEFT loads it as ``lora_B.bias`` (``lora_bias=True``); vLLM's LoRA loader
+does not. ``lora_bias=`` chooses:
+
+- ``"keep"`` (default): ``lora_B.bias`` is written; plain PEFT reproduces everything.
+- ``"fold"``: no ``lora_B.bias``; the bias delta stays in the base instead. The written pair
+  is then base ``(W − U C, b)`` + adapter ``U C``: together they compute the trained model
+  exactly, and the base alone is the discarded model except that the routed writers' biases
+  keep their in-subspace change ``U c_b`` (its norm is ``folded_bias_norm`` in
+  ``gradroute_adapter.json``). The exactly discarded model is the ``base/`` written with
+  ``lora_bias="keep"`` (a plain model: serve it without any LoRA).
+- ``"refuse"``: raise :class:`~gradroute.errors.AdapterError` when the adapter has a non-zero
+  bias delta (a plan without biases, or biases never changed, writes a bias-free adapter).
 """
 
 from __future__ import annotations
@@ -36,8 +61,11 @@ ADAPTER_META = "gradroute_adapter.json"
 ROUTED_BASE = "routed_base.safetensors"
 
 
-def lora_config(router: GradientRouter, base_model_name: str | None = None) -> Any:
-    """The ``LoraConfig`` for the router's plan."""
+LORA_BIAS_MODES = ("keep", "fold", "refuse")
+
+
+def lora_config(router: GradientRouter, base_model_name: str | None = None, *, lora_bias: bool | None = None) -> Any:
+    """The ``LoraConfig`` for the router's plan (``lora_bias``: default, whether any route has a bias)."""
     from peft import LoraConfig
 
     plan = router.plan
@@ -53,13 +81,15 @@ def lora_config(router: GradientRouter, base_model_name: str | None = None) -> A
         lora_dropout=0.0,
         bias="none",
         fan_in_fan_out=any(t.kind == "conv1d" for t in plan),
-        lora_bias=any(t.bias for t in plan),
+        lora_bias=any(t.bias for t in plan) if lora_bias is None else bool(lora_bias),
         base_model_name_or_path=base_model_name,
+        task_type="CAUSAL_LM",
     )
 
 
-def adapter_tensors(router: GradientRouter, env: str | None = None) -> dict[str, torch.Tensor]:
-    """PEFT state-dict tensors (``base_model.model.<module>.lora_*``) for the adapter or one env's share."""
+def adapter_tensors(router: GradientRouter, env: str | None = None, *, bias: bool = True) -> dict[str, torch.Tensor]:
+    """PEFT state-dict tensors (``base_model.model.<module>.lora_*``) for the adapter or one env's
+    share (``bias=False``: without the ``lora_B.bias`` tensors)."""
     out: dict[str, torch.Tensor] = {}
     for t in router.plan:
         C = router.adapter_coords(t.module, env).float().cpu()
@@ -67,10 +97,20 @@ def adapter_tensors(router: GradientRouter, env: str | None = None) -> dict[str,
         key = f"base_model.model.{t.module}"
         for suffix, tensor in t.orientation.lora_tensors(C, U).items():
             out[f"{key}.{suffix}"] = tensor
-        if t.bias:
+        if t.bias and bias:
             cb = router.adapter_bias_coords(t.module, env)
             out[f"{key}.lora_B.bias"] = (U @ cb.float().cpu()).contiguous()
     return out
+
+
+def bias_delta_norm(router: GradientRouter, env: str | None = None) -> float:
+    """‖U c_b‖ over the routed biases: the part of the adapter a bias-free LoRA cannot hold."""
+    total = 0.0
+    for t in router.plan:
+        cb = router.adapter_bias_coords(t.module, env) if t.bias else None
+        if cb is not None:
+            total += float((router.basis(t.module).double() @ cb.double()).pow(2).sum())
+    return total ** 0.5
 
 
 def _model_name(router: GradientRouter) -> str | None:
@@ -79,16 +119,34 @@ def _model_name(router: GradientRouter) -> str | None:
     return model_name(unwrap_model(router.model))
 
 
-def save_adapter(router: GradientRouter, path: str | Path, env: str | None = None, base: str = "modules") -> Path:
+def save_adapter(router: GradientRouter, path: str | Path, env: str | None = None, base: str = "modules", *,
+                 lora_bias: str = "keep", base_name: str | None = None, tokenizer: Any = None) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (plain PEFT), the subspace,
     a ``gradroute_adapter.json`` sidecar and, per ``base``, the matching base weights.
 
     The base is the model minus exactly what the adapter holds (``W − U A``, or ``W − U A_env``
     for one environment), so ``PeftModel.from_pretrained(base, path)`` reproduces the routed
-    model and the base alone is the "discarded" model.
+    model and the base alone is the "discarded" model. ``base="model"`` writes it as a full
+    model under ``path/base`` (with ``tokenizer``, if given, so that it can be served) and
+    points ``base_model_name_or_path`` at it (``base_name`` overrides the name written).
+    ``lora_bias``: ``"keep"``, ``"fold"`` or ``"refuse"`` (vLLM loads only bias-free
+    adapters; see the module docstring for what the folded pair computes).
     """
     if base not in ("modules", "model", "none"):
         raise AdapterError(f"base must be 'modules', 'model' or 'none', got {base!r}.", "pass one of those.")
+    if lora_bias not in LORA_BIAS_MODES:
+        raise AdapterError(f"lora_bias must be one of {LORA_BIAS_MODES}, got {lora_bias!r}.",
+                           "pass 'keep' (PEFT only), 'fold' (bias-free adapter, bias delta kept in the base) or "
+                           "'refuse'.")
+    if lora_bias == "refuse":
+        norm = bias_delta_norm(router, env)
+        if norm > 0:
+            mods = [t.module for t in router.plan if t.bias]
+            raise AdapterError(
+                f"the adapter changes the routed writers' biases ({len(mods)} modules, e.g. {mods[0]!r}) by "
+                f"{norm:.3g} inside the subspace, which a bias-free LoRA (what vLLM loads) cannot express.",
+                "pass lora_bias='fold' (bias-free adapter; the bias change stays in the written base), "
+                "lora_bias='keep' (PEFT's lora_bias, not loadable by vLLM), or attach with route_bias=False.")
     from ..distributed import is_main_process, world_size
 
     path = Path(path)
@@ -96,22 +154,27 @@ def save_adapter(router: GradientRouter, path: str | Path, env: str | None = Non
         torch.distributed.barrier()
         return path
     try:
-        _write_adapter(router, path, env, base)
+        _write_adapter(router, path, env, base, lora_bias=lora_bias, base_name=base_name, tokenizer=tokenizer)
     finally:
         if world_size() > 1:
             torch.distributed.barrier()
     return path
 
 
-def _write_adapter(router: GradientRouter, path: Path, env: str | None, base: str) -> None:
+def _write_adapter(router: GradientRouter, path: Path, env: str | None, base: str, *, lora_bias: str = "keep",
+                   base_name: str | None = None, tokenizer: Any = None) -> None:
     path.mkdir(parents=True, exist_ok=True)
     name = _model_name(router)
-    cfg = lora_config(router, name)
+    keep_bias = lora_bias == "keep" and any(t.bias for t in router.plan)
+    if base_name is None and base == "model":
+        base_name = str((path / "base").resolve())
+    cfg = lora_config(router, base_name, lora_bias=keep_bias)
     cfg.save_pretrained(str(path))
-    _io.save_tensors(path / "adapter_model.safetensors", adapter_tensors(router, env))
+    _io.save_tensors(path / "adapter_model.safetensors", adapter_tensors(router, env, bias=keep_bias))
     router.subspace.save(path / "subspace")
+    folded = bias_delta_norm(router, env) if lora_bias == "fold" else 0.0
     if base != "none":
-        weights = _base_tensors(router, env)
+        weights = _base_tensors(router, env, fold_bias=lora_bias == "fold")
         if base == "modules":
             _io.save_tensors(path / ROUTED_BASE, weights)
         else:
@@ -122,6 +185,8 @@ def _write_adapter(router: GradientRouter, path: Path, env: str | None, base: st
             for k, v in weights.items():
                 sd[k] = v
             model.save_pretrained(str(path / "base"), state_dict=sd)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(path / "base"))
     _io.write_json(path / ADAPTER_META, {
         "format": "gradroute.adapter",
         "mode": router.mode,
@@ -130,20 +195,30 @@ def _write_adapter(router: GradientRouter, path: Path, env: str | None, base: st
         "envs": router.envs,
         "base": base,
         "model": name,
+        "base_model": base_name,
+        "lora_bias": lora_bias,
+        "folded_bias_norm": folded,
         "subspace_hash": router.subspace.content_hash,
         "plan": router.plan.to_list(),
         "adapter_norm": router.adapter_norm(env).total,
     })
 
 
-def _base_tensors(router: GradientRouter, env: str | None) -> dict[str, torch.Tensor]:
-    """Routed modules' weights minus the (env's) adapter delta, in the weights' dtypes."""
+def _base_tensors(router: GradientRouter, env: str | None, fold_bias: bool = False) -> dict[str, torch.Tensor]:
+    """Routed modules' weights minus the (env's) adapter delta, in the weights' dtypes
+    (``fold_bias``: the biases keep the adapter's bias delta, i.e. stay as trained)."""
+    from ..model import unwrap_model
+
+    params = dict(unwrap_model(router.model).named_parameters())
     out = {}
     for t in router.plan:
-        r = router._route(t.module)
-        out[f"{t.module}.weight"] = router.base_weight(t.module, env).to(r.weight.dtype).cpu()
-        if t.bias and r.bias is not None:
-            out[f"{t.module}.bias"] = router.base_bias(t.module, env).to(r.bias.dtype).cpu()
+        w = f"{t.module}.weight"
+        weight = router.base_weight(t.module, env)
+        out[w] = weight.to(params[w].dtype if w in params else weight.dtype).cpu()
+        if t.bias and not fold_bias:
+            b = f"{t.module}.bias"
+            bias = router.base_bias(t.module, env)
+            out[b] = bias.to(params[b].dtype if b in params else bias.dtype).cpu()
     return out
 
 

@@ -13,7 +13,9 @@ scheduler → ``zero_grad`` → ``global_step += 1`` → ``on_step_end`` → log
   verifies the manifest (an incomplete or damaged checkpoint is refused, naming the last
   complete one), refuses non-finite weights or router state (pointing to
   :func:`gradroute.last_clean_checkpoint`), restores the state and continues the log;
-- puts the monitor's scalars into the trainer's logs (so W&B/TensorBoard get them).
+- puts the monitor's scalars into the trainer's logs (so W&B/TensorBoard get them), as the
+  values of the logged step (running totals are not averaged over ``logging_steps``; counts
+  are summed over it; see :meth:`~gradroute.DriftMonitor.metrics`).
 """
 
 from __future__ import annotations
@@ -119,10 +121,14 @@ class RouterCallback(TrainerCallback):
     """Runs :meth:`GradientRouter.step` after every optimizer step of a ``Trainer``.
 
     ``monitor``: a :class:`~gradroute.DriftMonitor` to log steps and apply its policy.
-    ``metrics_sink``: called with the monitor's scalars each step (TRL trainers average
-    ``trainer._metrics``); without it they are added to the ``logs`` in ``on_log`` (the
-    callback must then run before the reporting callbacks — :func:`gradroute.attach` puts it
-    first).
+
+    Trainer metrics: the step records since the previous log are kept, and
+    :meth:`log_metrics` turns them into the scalars of the logged step (what the JSONL log
+    holds for that step; counts summed over the logging window). :func:`gradroute.attach`
+    wraps ``trainer.log`` to add them to every training log before any reporter
+    (W&B/TensorBoard/...) sees it; a callback used on its own adds them in ``on_log``
+    instead, which reaches the reporters only if it comes before them in the callback list.
+    ``metrics_sink`` (optional) is called with the scalars of every step.
     """
 
     def __init__(
@@ -143,6 +149,19 @@ class RouterCallback(TrainerCallback):
         self.metrics_sink = metrics_sink
         self.last_record: StepRecord | None = None
         self.halted = False
+        # since the last trainer log: what the window's counts need from each step record
+        # (samples, rewards, non-finite flag), and the newest record in full
+        self.window: list[dict[str, Any]] = []
+        self._window_last: dict[str, Any] | None = None
+        self.log_wrapped = False  # set by attach: trainer.log adds the metrics itself
+
+    def log_metrics(self) -> dict[str, float]:
+        """The scalars of the newest step for the trainer's logs; starts a new logging window."""
+        if self.monitor is None or not self.window:
+            return {}
+        out = self.monitor.metrics(window=[*self.window[:-1], self._window_last])
+        self.window = []
+        return out
 
     def _bind(self, optimizer: Any) -> None:
         if optimizer is not None:
@@ -193,17 +212,22 @@ class RouterCallback(TrainerCallback):
         if self.monitor is not None:
             ckpt = str(checkpoint_dir(args, step))
             stop = self.monitor.observe(record, step=step, checkpoint=ckpt)
+            last = self.monitor.last
+            if last is not None and getattr(args, "logging_strategy", "steps") != "no":
+                self.window.append({k: last[k] for k in ("samples", "reward", "nonfinite") if k in last})
+                self._window_last = last
             if self.metrics_sink is not None:
                 self.metrics_sink(self.monitor.metrics())
         if _main_decides(stop):  # rank 0's log and history are authoritative
             self.halted = True
             control.should_save = True
+            control.should_log = True  # the halting step reaches W&B/TensorBoard too
             control.should_training_stop = True
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.metrics_sink is None and self.monitor is not None and logs is not None and "loss" in logs:
-            logs.update(self.monitor.metrics())
+        if not self.log_wrapped and logs is not None and "loss" in logs:
+            logs.update(self.log_metrics())
         return control
 
     def on_save(self, args, state, control, **kwargs):

@@ -143,6 +143,25 @@ def _metrics_sink(trainer: Any) -> Any:
     return None
 
 
+def _wrap_log(trainer: Any, callback: Any) -> None:
+    """Add the monitor's scalars to every training log inside ``trainer.log``.
+
+    ``Trainer.log`` hands the logs to the callbacks, reporters included, so values added
+    here reach W&B/TensorBoard/JSON whatever the callback order. They are not routed through
+    TRL's ``_metrics``, which averages everything over the ``logging_steps`` window: each
+    logged value is that of the logged step, counts are summed over the window
+    (:meth:`gradroute.DriftMonitor.metrics`)."""
+    log = trainer.log
+
+    def wrapped(logs, *a, **kw):
+        if isinstance(logs, dict) and "loss" in logs:  # a training log (evaluation logs say eval_loss)
+            logs.update(callback.log_metrics())
+        return log(logs, *a, **kw)
+
+    _patch(trainer, "log", wrapped)
+    callback.log_wrapped = True
+
+
 def _patch(trainer: Any, name: str, new: Any) -> None:
     """Replace ``trainer.<name>``, remembering the original so :meth:`Handle.detach` can restore it."""
     undo = trainer.__dict__.setdefault("_gradroute_undo", [])
@@ -171,8 +190,22 @@ class Handle:
         """The halt record, if the policy stopped the run."""
         return self.monitor.halt
 
-    def save_adapter(self, path: str | Path, env: str | None = None, base: str = "modules") -> Path:
-        return self.router.save_adapter(path, env=env, base=base)
+    def save_adapter(self, path: str | Path, env: str | None = None, base: str = "modules", *,
+                     lora_bias: str = "keep", base_name: str | None = None) -> Path:
+        """Write the persona adapter (or ``env``'s share) as a plain PEFT LoRA.
+
+        ``base="model"`` also writes the discarded model (trained minus the adapter) with the
+        trainer's tokenizer under ``path/base`` and points ``base_model_name_or_path`` at it, so
+        that ``AutoPeftModelForCausalLM.from_pretrained(path)`` gives the trained model and
+        ``vllm serve path/base --enable-lora --lora-modules persona=path`` serves both.
+        ``lora_bias="fold"`` writes a bias-free adapter (what vLLM loads); see
+        :func:`gradroute.integrations.peft.save_adapter`."""
+        from .peft import save_adapter
+
+        tok = getattr(self.trainer, "processing_class", None)
+        tok = tok if base == "model" and hasattr(tok, "save_pretrained") else None
+        return save_adapter(self.router, path, env=env, base=base, lora_bias=lora_bias, base_name=base_name,
+                            tokenizer=tok)
 
     def save_discarded(self, path: str | Path, env: str | None = None,
                        base_model_name_or_path: str | None = None) -> Path:
@@ -357,8 +390,9 @@ def attach(
 
         wrap_compute_loss(trainer, ENV_KEY, before=set_envs, pop=not rl)
 
-    callback = RouterCallback(router, monitor, metrics_sink=_metrics_sink(trainer), allow_missing_state=allow_missing_state)
+    callback = RouterCallback(router, monitor, allow_missing_state=allow_missing_state)
     _insert_callback(trainer, callback)
+    _wrap_log(trainer, callback)
     train = trainer.train
 
     def train_with_resume_path(*a, resume_from_checkpoint=None, **kw):
