@@ -506,16 +506,25 @@ class GradientRouter:
         return router
 
     # ------------------------------------------------------------------ integrations
-    def save_adapter(self, path: str | Path, env: str | None = None, base: str = "modules") -> Path:
+    def save_adapter(self, path: str | Path, env: str | None = None, base: str = "modules", **kwargs: Any) -> Path:
         """Write a standard PEFT LoRA adapter (B = U, A = coordinates, r = k, lora_alpha = r).
 
         ``base``: ``"modules"`` also writes the routed modules' base weights
         (``routed_base.safetensors``), ``"model"`` a full base model under ``path/base``
-        (``save_pretrained``), ``"none"`` nothing else. See :mod:`gradroute.integrations.peft`.
+        (``save_pretrained``), ``"none"`` nothing else; ``lora_bias``, ``base_name``,
+        ``tokenizer``: see :func:`gradroute.integrations.peft.save_adapter`.
         """
         from ..integrations.peft import save_adapter
 
-        return save_adapter(self, path, env=env, base=base)
+        return save_adapter(self, path, env=env, base=base, **kwargs)
+
+    def save_discarded(self, path: str | Path, env: str | None = None, **kwargs: Any) -> Path:
+        """The trained policy minus the adapter (or ``env``'s share): a plain PEFT LoRA on the
+        unchanged base for a LoRA policy, a full model otherwise
+        (:mod:`gradroute.integrations.discard`)."""
+        from ..integrations.discard import save_discarded
+
+        return save_discarded(self, path, env=env, **kwargs)
 
     def callback(self, **kwargs: Any) -> Any:
         """A transformers ``TrainerCallback`` doing the routing inside ``Trainer``/TRL trainers."""
