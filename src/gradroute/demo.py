@@ -268,8 +268,8 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
     persona = Subspace.from_probe(model, tok, hacker, honest, layers=layers, aggregation="last_prompt",
                                   names=["hacker"], progress=False)
     control = persona.random_like(seed=seed)
-    persona.save(out / "persona.subspace")
-    control.save(out / "random.subspace")
+    persona.save(out / "persona.subspace", overwrite=True)
+    control.save(out / "random.subspace", overwrite=True)
     probe_acc = {L: d["accuracy"] for L, d in persona.provenance.extra["diagnostics"].items()}
 
     # 3. RL five ways

@@ -394,7 +394,9 @@ def report(run_dir: str | Path, out: str | Path | None = None) -> str:
     parts = [f"# gradroute report: `{run_dir.resolve().name}`", ""]
     demo = run_dir / "report.json"
     if demo.is_file():
-        rep = json.loads(demo.read_text())
+        from . import _io
+
+        rep = _io.read_json(demo)  # a damaged file is a typed error naming it
         parts += [rep.get("table_md", ""), ""]
         for f in _demo_figures(run_dir, out):
             parts.append(f"![{f.stem.replace('_', ' ')}]({f.relative_to(out).as_posix()})\n")

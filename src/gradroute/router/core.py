@@ -498,6 +498,11 @@ class GradientRouter:
         """Rebuild a router from a directory written by :meth:`save_state` (e.g. a checkpoint's
         ``gradroute/``): same subspace, modules and mode, with the saved adapter."""
         meta = _state.read_meta(path)
+        if meta.get("mode") not in MODES or "targets" not in meta:
+            from ..errors import FileFormatError
+
+            raise FileFormatError(f"{Path(path) / _state.STATE_META} has no valid mode/targets (damaged or not a "
+                                  "router state).", "pass a checkpoint's gradroute/ directory written by router.save_state.")
         sub = Subspace.load(Path(path) / "subspace")
         mode_cls = MODES.get(meta.get("mode"), MODES["update"])
         kwargs = {**mode_cls.rebuild_options(meta), **kwargs}
