@@ -295,6 +295,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
             res["env_adapter_share"] = h.router.env_adapter_shares()
             res["adapter_norm"] = h.router.adapter_norm().total
             res["first_crossing"] = h.monitor.violations[0].to_dict() if h.monitor.violations else None
+            res["crossings"] = [v.to_dict() for v in h.monitor.violations]
             h.save_adapter(out / "runs" / name / "adapter")
             h.discard()
             res["discarded"] = tw.evaluate(m, tk, ENVS, cfg.eval_prompts, cfg.eval_samples)
