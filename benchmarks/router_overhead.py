@@ -126,7 +126,7 @@ def main(argv=None) -> list[dict]:
         for mode, prec in (("update", "float64"), ("update", "float32"), ("gradient", "float64"),
                            ("activation", "float64")):
             rows.append(measure(k, mode, precision=prec, **size))
-    print(f"| k | mode | bookkeeping | plain step (ms) | routed step (ms) | ratio | router state (k·d_in floats/module) | route() alone (ms) | route() GFLOP/s |")
+    print("| k | mode | bookkeeping | plain step (ms) | routed step (ms) | ratio | router state (k·d_in floats/module) | route() alone (ms) | route() GFLOP/s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['k']} | {r['mode']} | {r['precision']} | {r['plain_ms']:.1f} | {r['routed_ms']:.1f} | "

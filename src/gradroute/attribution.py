@@ -120,6 +120,7 @@ class Attribution:
         self._param_of: dict[str, torch.nn.Parameter] = {}
         self._last_grad: dict[str, torch.Tensor] = {}
         self._single_env: int | None = None
+        self._ctx_single: int | None = None
         self._install(capture, activations)
 
     # ------------------------------------------------------------------ environments
@@ -147,6 +148,9 @@ class Attribution:
         """Environments of the rows of the next forward/backward passes (None clears)."""
         self._ctx = None if env_ids is None else self._to_index(env_ids)
         self._mask = attention_mask
+        ctx = self._ctx  # one environment in the whole batch: the adapters' own gradients can be read
+        self._ctx_single = (int(ctx[0]) if ctx is not None and ctx.numel() > 0 and bool((ctx == ctx[0]).all())
+                            and world_size() == 1 else None)
 
     class _Batch:
         def __init__(self, attr: Attribution, env_ids: Any, mask: Any):
@@ -225,9 +229,8 @@ class Attribution:
             return
         env = self._ctx
         if route.name in self._param_of:
-            single = env is not None and env.numel() > 0 and bool((env == env[0]).all()) and world_size() == 1
-            self._single_env = int(env[0]) if single else None
-            if single:  # read off the adapter's own gradient after the backward (see use_parameter_gradients)
+            self._single_env = self._ctx_single if env is not None else None
+            if self._single_env is not None:  # read off the adapter's own gradient after the backward
                 return
         x = x.detach()
         output.register_hook(lambda g: self._backward(route, x, g.detach(), env))

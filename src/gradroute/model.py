@@ -345,6 +345,29 @@ def io_dims(module: nn.Module) -> tuple[int, int]:
                                  "route the Linear/Conv1D/Embedding layers inside it instead.")
 
 
+# ------------------------------------------------------------------ the user's PEFT LoRA on a module
+def user_lora_delta(module: nn.Module) -> Any:
+    """For a module wrapped by a PEFT LoRA: a function returning the sum of its active adapters'
+    weight deltas ``s·B·A`` (PEFT's own ``get_delta_weight``, in the base weight's layout); None
+    for a plain module."""
+    lora_A = getattr(module, "lora_A", None)
+    get = getattr(module, "get_delta_weight", None)
+    if not lora_A or get is None:
+        return None
+
+    def delta() -> torch.Tensor:
+        active = [a for a in getattr(module, "active_adapters", list(lora_A)) if a in lora_A]
+        if getattr(module, "merged", False) or not active:
+            return torch.zeros((), dtype=module.base_layer.weight.dtype)
+        return sum(get(a) for a in active)  # type: ignore[return-value]
+    return delta
+
+
+def trainable_lora_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The trainable parameters of a PEFT LoRA wrapping ``module`` (empty for a plain module)."""
+    return [p for n, p in module.named_parameters() if "lora_" in n and p.requires_grad]
+
+
 # ------------------------------------------------------------------ residual writers and readers
 # Fallback only: module-name suffixes of residual writers in common architectures. The primary
 # lookup (block_io_modules) finds writers from the model's own dataflow.

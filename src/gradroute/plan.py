@@ -40,7 +40,7 @@ from .errors import (
     UnsupportedModuleError,
 )
 from .layers import EMBEDDINGS, LayerKey, reader_layer, writer_layer
-from .model import io_dims, module_kind, weight_module  # noqa: F401  (re-exported)
+from .model import io_dims, module_kind, trainable_lora_parameters, weight_module  # noqa: F401  (re-exported)
 from .orientation import Orientation, orientation, residual_axis  # noqa: F401  (re-exported)
 from .subspace import Subspace
 
@@ -326,8 +326,7 @@ def build_plan(
                 f"but layer {layer!r}'s basis has dimension {d}.",
                 "use a subspace built for this model, or check the side (write/read).",
             )
-        user_lora = any(p.requires_grad for n, p in mod.named_parameters() if "lora_" in n)
-        if not W.requires_grad and not user_lora:
+        if not W.requires_grad and not trainable_lora_parameters(mod):
             warnings.warn(f"{name!r} is frozen (requires_grad=False) and carries no trainable LoRA: "
                           "nothing will be routed there.", GradrouteWarning, stacklevel=2)
         has_bias = s == "write" and getattr(weight_module(mod), "bias", None) is not None

@@ -69,6 +69,17 @@ class Rule:
     def _v(self, record: Record, value: float, threshold: float, detail: str = "") -> Violation:
         return Violation(self.name, float(value), float(threshold), int(record["step"]), top_envs(record), detail)
 
+    def _worst_env(self, record: Record, values: dict[str, float], threshold: float, what: str = "") -> Violation | None:
+        """A violation for the environment with the largest value, if it exceeds ``threshold``."""
+        if not values:
+            return None
+        env, value = max(values.items(), key=lambda x: x[1])
+        if value <= threshold:
+            return None
+        v = self._v(record, value, threshold, f"environment {env!r}{what}")
+        v.env = env
+        return v
+
     def describe(self) -> dict[str, Any]:
         return {"rule": self.name, **{k: v for k, v in vars(self).items() if not k.startswith("_") and k != "action"}}
 
@@ -138,14 +149,7 @@ class EnvShareRule(Rule):
         if record.get("adapter_norm", 0.0) < self.min_norm:
             return None
         shares = {e: s for e, s in (record.get("env_adapter_share") or {}).items() if e != "_unattributed"}
-        if not shares:
-            return None
-        env, s = max(shares.items(), key=lambda x: x[1])
-        if s <= self.max_share:
-            return None
-        v = self._v(record, s, self.max_share, f"environment {env!r}")
-        v.env = env
-        return v
+        return self._worst_env(record, shares, self.max_share)
 
 
 class ActivationDriftRule(Rule):
@@ -219,14 +223,9 @@ class NonFiniteRewardRule(Rule):
 
     def check(self, record, history):
         totals = record.get("nonfinite_rewards_total") or {}
-        if not totals:
-            return None
-        env, n = max(totals.items(), key=lambda x: x[1])
-        if n <= self.max_count:
-            return None
-        v = self._v(record, n, self.max_count, f"environment {env!r}: NaN/None rewards")
-        v.env = env
-        v.top_envs = [(e, float(c)) for e, c in sorted(totals.items(), key=lambda x: -x[1])[:3]]
+        v = self._worst_env(record, totals, self.max_count, ": NaN/None rewards")
+        if v is not None:
+            v.top_envs = [(e, float(c)) for e, c in sorted(totals.items(), key=lambda x: -x[1])[:3]]
         return v
 
 

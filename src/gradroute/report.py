@@ -11,7 +11,6 @@ Numbers follow one rule: three significant digits (:func:`num`), except fraction
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path

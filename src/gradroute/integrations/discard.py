@@ -30,6 +30,7 @@ import torch
 from .. import _io
 from ..errors import AdapterError
 from ..model import unwrap_model
+from ..router.modes.activation import ADAPTERS_ATTR
 
 if TYPE_CHECKING:
     from ..router import GradientRouter
@@ -68,7 +69,7 @@ def save_discarded(router: GradientRouter, path: str | Path, env: str | None = N
 
 def _save_full(router: GradientRouter, path: Path, env: str | None) -> Path:
     model = unwrap_model(router.model)
-    sd = {k: v for k, v in model.state_dict().items() if "gradroute_adapters" not in k}
+    sd = {k: v for k, v in model.state_dict().items() if not k.startswith(f"{ADAPTERS_ATTR}.")}
     # what the policy computes minus the adapter's (env) share: effective − U A_env
     for t in router.plan:
         r = router._route(t.module)
@@ -90,17 +91,21 @@ def _save_lora(router: GradientRouter, pm: Any, path: Path, env: str | None, bas
     cfg = pm.peft_config[name]
     user = {k: v.detach().clone() for k, v in get_peft_model_state_dict(pm, adapter_name=name).items()}
     modules = dict(unwrap_model(router.model).named_modules())
-    keep_persona = router.mode == "activation"  # the persona path is separate: the user's LoRA is the base policy
+    # update mode: the user's LoRA holds the persona part, so subtract it (−U C_env); activation
+    # mode: the persona path is separate, so the user's LoRA is the discarded policy and only the
+    # other environments' shares stay beside it (+U (C − C_env))
+    keep_persona = router.mode == "activation"
+    if keep_persona and env is None:
+        return _write_lora(path, cfg, user, {}, base_name, router, env)
+    if not keep_persona and any(len(router._route(t.module).blocks) > 1 for t in router.plan):
+        raise AdapterError("the persona adapter has a bias part, which a bias-free LoRA cannot subtract.",
+                           "route with route_bias=False for LoRA policies.")
     extra: dict[str, int] = {}
     for t in router.plan:
-        C = router.adapter_coords(t.module) if env is None else router.adapter_coords(t.module, env)
         if keep_persona:
-            if env is None:
-                continue
-            C = router.adapter_coords(t.module) - router.adapter_coords(t.module, env)  # what stays beside the LoRA
-            sign = 1.0
+            C, sign = router.adapter_coords(t.module) - router.adapter_coords(t.module, env), 1.0
         else:
-            sign = -1.0
+            C, sign = router.adapter_coords(t.module, env), -1.0
         parts = t.orientation.lora_tensors(C.float().cpu(), router.basis(t.module).float().cpu())
         key = f"base_model.model.{t.module}"
         mod = modules[t.module]
@@ -120,9 +125,12 @@ def _save_lora(router: GradientRouter, pm: Any, path: Path, env: str | None, bas
         else:  # a routed module without the user's LoRA (full weights trained there)
             user[a_key], user[b_key] = pa, sign * pb
             extra[t.module] = k
-        if sign < 0 and len(router._route(t.module).blocks) > 1:
-            raise AdapterError(f"{t.module!r}: the persona adapter has a bias part, which a bias-free LoRA "
-                               "cannot subtract.", "route with route_bias=False for LoRA policies.")
+    return _write_lora(path, cfg, user, extra, base_name, router, env)
+
+
+def _write_lora(path: Path, cfg: Any, user: dict[str, torch.Tensor], extra: dict[str, int], base_name: str | None,
+                router: GradientRouter, env: str | None) -> Path:
+    """Write the (possibly concatenated) LoRA: ``extra`` gives the new rank of each changed module."""
     path.mkdir(parents=True, exist_ok=True)
     d = cfg.to_dict()
     targets = set(d.get("target_modules") or [])

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .. import projection as P
-from ..model import weight_module
+from ..model import trainable_lora_parameters, user_lora_delta, weight_module
 from ..plan import RouteTarget
 
 
@@ -101,27 +101,6 @@ class CoordBlock:
     def to(self, device: torch.device) -> None:
         self.ref0, self.adapter = self.ref0.to(device), self.adapter.to(device)
         self.env = {e: t.to(device) for e, t in self.env.items()}
-
-
-def user_lora_delta(module: nn.Module) -> Any:
-    """For a module wrapped by a PEFT LoRA: a function returning the sum of its active adapters'
-    weight deltas ``s·B·A`` (PEFT's own ``get_delta_weight``, in the base weight's layout); None
-    for a plain module."""
-    lora_A = getattr(module, "lora_A", None)
-    get = getattr(module, "get_delta_weight", None)
-    if not lora_A or get is None:
-        return None
-
-    def delta() -> torch.Tensor:
-        active = [a for a in getattr(module, "active_adapters", list(lora_A)) if a in lora_A]
-        if getattr(module, "merged", False) or not active:
-            return torch.zeros((), dtype=module.base_layer.weight.dtype)
-        return sum(get(a) for a in active)  # type: ignore[return-value]
-    return delta
-
-
-def trainable_lora_parameters(module: nn.Module) -> list[nn.Parameter]:
-    return [p for n, p in module.named_parameters() if "lora_" in n and p.requires_grad]
 
 
 class Route:
