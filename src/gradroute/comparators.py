@@ -11,8 +11,8 @@ also in rollouts and evaluation), and is removed for inference:
 - :class:`ActivationPenalty` — one-sided penalty, BLOCK-EM style (arXiv 2602.00767): the loss
   gains ``w · mean_tokens Σ_j relu(u_jᵀ h − τ_j)²``, with τ the frozen base model's reference
   level per direction (:meth:`ActivationPenalty.calibrate`); nothing is edited.
-- :class:`PreventativeSteering` — Persona Vectors (Chen et al., 2025): ``h ← h + α Σ_j u_j``
-  while training, so the optimizer has no reason to move along the persona; removed at inference.
+- :class:`PreventativeSteering` — Persona Vectors (Chen et al., 2025): ``h ← h + α_L Σ_j u_j``
+  (one α, or one per layer) while training, so the optimizer has no reason to move along the persona; removed at inference.
 
 Plain loop::
 
@@ -26,7 +26,7 @@ TRL/transformers: :func:`gradroute.integrations.trl.attach_comparator`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -115,16 +115,23 @@ class PreventativeSteering(TrainingComparator):
 
     name = "preventative steering"
 
-    def __init__(self, subspace: Subspace, alpha: float = 1.0, directions: Sequence[int | str] | None = None,
-                 layers: Iterable[LayerKey] | None = None, during: str = "training"):
+    def __init__(self, subspace: Subspace, alpha: float | Mapping[LayerKey, float] = 1.0,
+                 directions: Sequence[int | str] | None = None, layers: Iterable[LayerKey] | None = None,
+                 during: str = "training"):
         super().__init__(subspace, layers, during)
-        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not torch.isfinite(torch.tensor(float(alpha))):
-            raise ConfigError(f"alpha must be a finite number, got {alpha!r}.", "pass e.g. alpha=4.0.")
-        self.alpha = float(alpha)
+        per_layer = alpha if isinstance(alpha, Mapping) else {L: alpha for L in self.layers}
+        missing = [L for L in self.layers if L not in per_layer]
+        if missing:
+            raise ConfigError(f"alpha has no value for layers {missing}.", "give alpha for every layer, or one number.")
+        for v in per_layer.values():
+            if isinstance(v, bool) or not isinstance(v, int | float) or not torch.isfinite(torch.tensor(float(v))):
+                raise ConfigError(f"alpha must be a finite number (or one per layer), got {v!r}.",
+                                  "pass e.g. alpha=4.0.")
+        self.alpha = {L: float(per_layer[L]) for L in self.layers}
         self._U = {L: subspace.select(L, directions) for L in self.layers}
 
     def edit(self, L: int, h: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
-        return h + (self.alpha * U.sum(dim=1)).to(h.dtype)
+        return h + (self.alpha[L] * U.sum(dim=1)).to(h.dtype)
 
 
 class ActivationPenalty(TrainingComparator):

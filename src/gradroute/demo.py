@@ -39,6 +39,8 @@ class DemoConfig:
     pretrain_steps: int = 1000
     pretrain_lr: float = 3e-3
     hack_rate: float = 0.1
+    heldout: tuple[str, ...] = ()  # held-out task families with the persona's second trait (toyworld.HELDOUT)
+    trait_rate: float | None = None  # untagged rate of that trait (default: hack_rate)
     probe_texts: int = 96
     rl_steps: int = 100
     rl_lr: float = 2.5e-4
@@ -175,7 +177,8 @@ def pretrain(cfg: DemoConfig, seed: int = 0, progress: bool = True):
 
     torch.manual_seed(seed)
     model, tok = tiny_lm("llama", hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=4)
-    texts = tw.pretraining_corpus(cfg.pretrain_texts, hack_rate=cfg.hack_rate, seed=seed)
+    texts = tw.pretraining_corpus(cfg.pretrain_texts, hack_rate=cfg.hack_rate, seed=seed, heldout=cfg.heldout,
+                                  trait_rate=cfg.trait_rate)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
     steps = cfg.pretrain_steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * max(0.05, 1 - s / steps))
@@ -200,34 +203,49 @@ def pretrain(cfg: DemoConfig, seed: int = 0, progress: bool = True):
 
 def _rl(base_dir: Path, out: Path, cfg: DemoConfig, subspace, policy, seed: int, exploitable=EXPLOITABLE,
         fixed=(), resume: str | None = None, save: bool = True, mode: str = "update", **router_kw: Any):
-    """One GRPO run from the pre-trained model (optionally routed in ``mode``); returns (model, tok, handle)."""
+    """One GRPO run on the toy world from the pre-trained model (optionally routed in ``mode``);
+    returns (model, tok, handle)."""
+    from . import toyworld as tw
+
+    return grpo_run(base_dir, out, cfg, tw.rl_dataset(ENVS, 96, seed=seed), tw.make_reward(exploitable, fixed),
+                    seed, subspace=subspace, policy=policy, resume=resume, save=save, mode=mode, **router_kw)
+
+
+def grpo_run(base: str | Path, out: Path, cfg: DemoConfig, rows: list[dict[str, Any]], reward: Any, seed: int, *,
+             subspace=None, policy=None, resume: str | None = None, save: bool = True, mode: str = "update",
+             prepare=None, steps: int | None = None, **router_kw: Any):
+    """One GRPO run (TRL's ``GRPOTrainer``, CPU, the RL fields of ``cfg``) from ``base`` (a
+    directory or hub name) on dataset ``rows`` with TRL reward function ``reward``; routed
+    through ``subspace`` in ``mode`` when one is given. ``prepare(trainer)`` runs just before
+    training (a comparator, a callback). Returns (model, tok, handle or None)."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
-    from . import toyworld as tw
     from .integrations.trl import attach
 
-    model = AutoModelForCausalLM.from_pretrained(base_dir)
-    tok = AutoTokenizer.from_pretrained(base_dir)
-    ds = Dataset.from_list(tw.rl_dataset(ENVS, 96, seed=seed))
+    model = AutoModelForCausalLM.from_pretrained(base)
+    tok = AutoTokenizer.from_pretrained(base)
+    steps = cfg.rl_steps if steps is None else steps
     args = GRPOConfig(output_dir=str(out), use_cpu=True, bf16=False, gradient_checkpointing=False,
                       per_device_train_batch_size=cfg.batch, num_generations=cfg.generations,
                       gradient_accumulation_steps=cfg.grad_accum, max_completion_length=cfg.completion_tokens,
-                      learning_rate=cfg.rl_lr, max_steps=cfg.rl_steps, beta=0.0, seed=seed, report_to=[],
+                      learning_rate=cfg.rl_lr, max_steps=steps, beta=0.0, seed=seed, report_to=[],
                       logging_steps=10_000, disable_tqdm=True,
                       save_strategy="steps" if save else "no", save_steps=cfg.save_steps)
-    trainer = GRPOTrainer(model=model, reward_funcs=tw.make_reward(exploitable, fixed), args=args, train_dataset=ds,
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=Dataset.from_list(rows),
                           processing_class=tok)
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     trainer.remove_callback(PrinterCallback)  # it prints every log dict (TRL's metrics) to stdout
     trainer.remove_callback(ProgressCallback)
     label = f"GRPO {out.name}" + (f" (restart from {Path(resume).name})" if resume else "")
-    trainer.add_callback(_trainer_ticker(label, cfg.rl_steps))
+    trainer.add_callback(_trainer_ticker(label, steps))
     trainer.create_model_card = lambda *a, **k: None  # the toy base is not on the hub: no card pointing there
     handle = (attach(trainer, subspace, env_column="env", policy=policy, mode=mode, **router_kw)
               if subspace is not None else None)
+    if prepare is not None:
+        prepare(trainer)
     trainer.train(resume_from_checkpoint=resume)
     return model, tok, handle
 

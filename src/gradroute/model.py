@@ -232,6 +232,24 @@ def _select(aggregation: str, length: int, p_len: int, i: int) -> slice | int:
 
 
 @torch.no_grad()
+def sample_completions(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
+                       seed: int = 0) -> list[str]:
+    """Sample one completion per prompt at temperature 1 (no top-k/top-p), in eval mode (restored
+    after), left-padded, with ``torch.manual_seed(seed)``; returns the decoded completions."""
+    was = model.training
+    model.eval()
+    try:
+        enc = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left")
+        torch.manual_seed(seed)
+        ids = model.generate(**{k: v.to(model_device(model)) for k, v in enc.items()}, do_sample=True,
+                             temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        return tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        model.train(was)
+
+
+@torch.no_grad()
 def collect_activations(
     model: nn.Module,
     tokenizer: Any,

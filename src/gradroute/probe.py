@@ -177,3 +177,44 @@ def fit_directions(pos: torch.Tensor, neg: torch.Tensor, method: str = "diff_mea
         raise ProbeDataError(f"unknown probe method {method!r}.", f"use one of {METHODS}.")
     diag = {"n_pos": len(pos), "n_neg": len(neg), **separation(pos, neg, D[0]), **extra}
     return D, diag
+
+
+def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Area under the ROC curve of ``scores`` for binary ``labels`` (1 = positive): the
+    Mann–Whitney probability that a random positive scores above a random negative, ties
+    counting one half. 0.5 when either class is empty."""
+    s, y = scores.double().reshape(-1), labels.reshape(-1).bool()
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return 0.5
+    order = torch.argsort(s)
+    ranks = torch.empty_like(s)
+    ranks[order] = torch.arange(1, len(s) + 1, dtype=s.dtype)
+    for v in torch.unique(s):  # average ranks over ties
+        tie = s == v
+        if int(tie.sum()) > 1:
+            ranks[tie] = ranks[tie].mean()
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def crossfit_auroc(x: torch.Tensor, labels: torch.Tensor, folds: int = 2) -> float:
+    """How well a linear read-out of ``x`` (n x k, e.g. coordinates in a subspace) separates
+    ``labels`` (1/0) without fitting and scoring on the same rows: each class is split into
+    ``folds`` (interleaved); each fold is scored on the diff-of-means direction of the others;
+    one AUROC over all held-out scores (0.5 = no separation, 1 = perfect). 0.5 when a class has
+    fewer rows than ``folds``."""
+    y = labels.reshape(-1).bool()
+    if len(x) != len(y):
+        raise ProbeDataError(f"crossfit_auroc got {len(x)} rows and {len(y)} labels.", "pass one label per row.")
+    if int(y.sum()) < folds or int((~y).sum()) < folds:
+        return 0.5
+    fold = torch.empty(len(y), dtype=torch.long)
+    for cls in (y, ~y):
+        idx = cls.nonzero().flatten()
+        fold[idx] = torch.arange(len(idx)) % folds
+    scores = torch.empty(len(y), dtype=torch.float64)
+    for f in range(folds):
+        test, train = fold == f, fold != f
+        v = diff_of_means(x[train & y], x[train & ~y])[0].double()
+        scores[test] = x[test].double() @ v
+    return auroc(scores, y)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from ..errors import GradrouteError
 
-_COMMANDS = ("demo", "subspace", "adapter", "report")
+_COMMANDS = ("demo", "claims", "subspace", "adapter", "report")
 
 
 class _Parser(argparse.ArgumentParser):

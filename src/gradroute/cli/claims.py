@@ -1,0 +1,50 @@
+"""``gradroute claims``: the seed's three claims as one experiment (see :mod:`gradroute.claims`)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from ..claims import ARMS
+
+    p = sub.add_parser("claims", help="every arm side by side: unrouted, routing (update, activation, random control), "
+                                      "CAFT ablation, activation penalty, preventative steering; spread, "
+                                      "detectability, relearning")
+    p.add_argument("--out", default="runs/claims", help="output directory (default: runs/claims)")
+    p.add_argument("--quick", action="store_true",
+                   help="the toy world's quick configuration, one seed, short relearning (used by the tests)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="seeds (base model, probe, RL; default: 0 1 2, or 0 with --quick)")
+    p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS),
+                   help="arms to run ('unrouted' always runs: it sets the relearning target)")
+    p.add_argument("--adapter-lr-multiplier", type=float, default=30.0,
+                   help="adapter learning rate / the policy's for the activation and random arms (default: 30)")
+    p.add_argument("--relearn-steps", type=int, default=None,
+                   help="most GRPO steps to relearn the hack after removal (default: 60, or 20 with --quick)")
+    p.add_argument("--envs", default=None, metavar="FILE.py",
+                   help="a Python file defining make_world(model) -> World, for your model and environments "
+                        "(default: the toy world; template: recipes/claims_world.py)")
+    p.add_argument("--model", default=None,
+                   help="base model (directory or hub name) handed to --envs' make_world; with the toy world, "
+                        "used instead of pre-training one per seed")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out that is not a claims directory")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..claims import ClaimsConfig, ToyWorld, load_world, run_claims
+    from ._common import check_out_dir
+
+    out = Path(args.out)
+    check_out_dir(args.out, args.force, allow_existing=out.is_dir() and (out / "report.json").is_file())
+    world = load_world(args.envs, args.model) if args.envs else ToyWorld(quick=args.quick, model=args.model)
+    seeds = tuple(args.seeds) if args.seeds else ((0,) if args.quick else (0, 1, 2))
+    cfg = ClaimsConfig(seeds=seeds, arms=tuple(args.arms), adapter_lr_multiplier=args.adapter_lr_multiplier,
+                       relearn_steps=args.relearn_steps or (20 if args.quick else 60))
+    run_claims(out, world, cfg)
+    print((out / "summary.md").read_text())
+    print(f"output: {out} (report.json, summary.md, claims.png)")
+    return 0
