@@ -74,3 +74,10 @@ def test_readme_blocks_run(tmp_path):
     summary = json.loads((tmp_path / "runs" / "grpo_tiny" / "summary.json").read_text())
     assert summary["steps"] == 8 and summary["adapter_norm"] > 0  # 6 steps, resumed to 8 by the TRL section
     assert sum(abs(v) for e, v in summary["env_adapter_share"].items() if e != "_unattributed") > 0.5
+    # "The seed's three claims": the quick run has every arm; the template world ran the arms it was given
+    quick = json.loads((tmp_path / "runs" / "claims-quick" / "report.json").read_text())
+    assert set(quick["seeds"]["0"]["arms"]) == {"unrouted", "update", "activation", "random", "ablation", "penalty",
+                                                "steering"}
+    assert "## Targets" in (tmp_path / "runs" / "claims-quick" / "summary.md").read_text()
+    mine = json.loads((tmp_path / "runs" / "claims-mine" / "report.json").read_text())
+    assert mine["world"] == "my-world" and set(mine["seeds"]["1"]["arms"]) == {"unrouted", "activation", "ablation"}

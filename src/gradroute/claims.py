@@ -39,7 +39,9 @@ Measures, per arm and seed:
   layer at inference (:func:`gradroute.interventions.suppress`).
 - ``relearn_steps``: plain GRPO steps from the arm's removed model until the exploitable
   environments' rollout hack rate (trailing window) reaches half the unrouted run's trained
-  rate. ``learn_steps`` (on the unrouted arm) is the same count from the pre-RL model.
+  rate (``relearn_curve``: that rate per step). ``learn_steps`` (on the unrouted arm) is the
+  same count from the pre-RL model, read off its training rollouts (``curve``, kept for every
+  arm).
 
 The toy world (:class:`ToyWorld`) is the default; a user's model and environments plug in as a
 :class:`World` (``gradroute claims --model NAME --envs my_world.py``; see the README).
@@ -47,12 +49,11 @@ The toy world (:class:`ToyWorld`) is the default; a user's model and environment
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -275,27 +276,29 @@ def _probe_gap(model: Any, tok: Any, subspace: Any, persona, contrast) -> dict[i
     layers = [L for L in subspace.layers if isinstance(L, int)]
     acts = collect_activations(model, tok, [*persona, *contrast], layers, aggregation="last_prompt", progress=False)
     n = len(persona)
-    return {L: float((P.coords(acts.values[L][:n], subspace.basis(L)).sum(1).mean()
-                      - P.coords(acts.values[L][n:], subspace.basis(L)).sum(1).mean())) for L in layers}
+    return {L: float(P.coords(acts.values[L][:n], subspace.basis(L)).sum(1).mean()
+                      - P.coords(acts.values[L][n:], subspace.basis(L)).sum(1).mean()) for L in layers}
 
 
-def _comparator(arm: str, cfg: ClaimsConfig, sub: Any, model: Any, tok: Any, gap: dict[int, float], good):
+def _comparator(arm: str, cfg: ClaimsConfig, sub: Any, base: str, gap: dict[int, float], reference: list[str]):
+    """The comparator of ``arm``; the penalty's level τ is read on the base model."""
     from . import comparators as C
 
     if arm == "ablation":
         return C.ConceptAblation(sub, during="always")
     if arm == "steering":
         return C.PreventativeSteering(sub, alpha={L: cfg.steering_scale * g for L, g in gap.items()}, during="always")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     pen = C.ActivationPenalty(sub, weight=cfg.penalty_weight)
-    pen.calibrate(model, tok, list(good), quantile=cfg.penalty_quantile)
+    pen.calibrate(AutoModelForCausalLM.from_pretrained(base), AutoTokenizer.from_pretrained(base), reference,
+                  quantile=cfg.penalty_quantile)
     return pen
 
 
 def run_arm(world: World, cfg: ClaimsConfig, arm: str, base: str, out: Path, seed: int, persona: Any, random: Any,
-            gap: dict[int, float], target: float | None, progress: bool = False) -> dict[str, Any]:
+            gap: dict[int, float], target: float | None) -> dict[str, Any]:
     """Train one arm, measure it, and relearn from its removed model (see the module)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from .demo import grpo_run
     from .integrations.trl import attach_comparator
 
@@ -303,16 +306,12 @@ def run_arm(world: World, cfg: ClaimsConfig, arm: str, base: str, out: Path, see
     envs = (*world.train_envs, *world.heldout_envs)
     sub = random if arm == "random" else persona
     counter = RolloutHackRate(world, cfg.relearn_window)
-    comp = None
+    comp = _comparator(arm, cfg, persona, base, gap, world.reference_texts(seed)) if arm in COMPARATORS else None
     kw: dict[str, Any] = {}
     if arm in ROUTED:
         kw = {"subspace": sub, "mode": ROUTED[arm]}
         if ROUTED[arm] == "activation":
             kw["adapter_lr_multiplier"] = cfg.adapter_lr_multiplier
-    if arm in COMPARATORS:
-        bm, bt = AutoModelForCausalLM.from_pretrained(base), AutoTokenizer.from_pretrained(base)
-        comp = _comparator(arm, cfg, persona, bm, bt, gap, world.reference_texts(seed))
-        del bm, bt
 
     def prepare(trainer):
         if comp is not None:
@@ -367,6 +366,7 @@ def run_claims(out: str | Path, world: World | None = None, cfg: ClaimsConfig | 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ._io import write_json
     from .demo import _library_noise_off
     from .subspace import Subspace
 
@@ -388,7 +388,7 @@ def run_claims(out: str | Path, world: World | None = None, cfg: ClaimsConfig | 
             persona_pairs, contrast = world.probe_pairs(seed)
             persona = Subspace.from_probe(model, tok, persona_pairs, contrast, aggregation="last_prompt",
                                           names=["persona"], progress=False)
-            persona.save(sd / "persona.safetensors")
+            persona.save(sd / "persona.subspace")
             random = persona.random_like(seed=seed)
             before = world.sample(model, tok, envs)
             auroc_layers = subspace_auroc(model, tok, persona, before)
@@ -407,16 +407,10 @@ def run_claims(out: str | Path, world: World | None = None, cfg: ClaimsConfig | 
                     s["relearn_target"] = target
                     r["learn_steps"] = r.pop("_counter").steps_to(target)
                 s["arms"][arm] = r
-                _write(out / "report.json", report)
+                write_json(out / "report.json", report)  # after every arm: a crash keeps what ran
     (out / "summary.md").write_text(summarize(report))
     figure(report, out / "claims.png")
     return report
-
-
-def _write(path: Path, report: dict[str, Any]) -> None:
-    from ._io import write_json
-
-    write_json(path, report)
 
 
 # ------------------------------------------------------------------ summary and figure
