@@ -22,7 +22,6 @@ import json
 import statistics
 import time
 import warnings
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +44,9 @@ def probe(model, tok, cfg, seed: int, kind: str, layers):
 
 def ceiling(model, tok, cfg, sub) -> dict[str, Any]:
     from gradroute import toyworld as tw
-    from gradroute.interventions import suppress
+    from gradroute.interventions import suppress_all
 
-    with ExitStack() as stack:
-        for L in sub.layers:
-            stack.enter_context(suppress(model, sub, L))
+    with suppress_all(model, sub):
         return tw.evaluate(model, tok, ENVS, cfg.eval_prompts, cfg.eval_samples)
 
 

@@ -111,3 +111,19 @@ def test_attach_comparator_in_a_trainer(tmp_path):
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert losses and min(losses) > 1e6  # the penalty dominates the logged loss
+
+
+def test_preventative_steering_takes_one_alpha_per_layer():
+    model, _ = tiny_lm("llama")
+    sub = _sub()
+    model.train()
+    before = _coords(model, sub, X)
+    comp = gr.PreventativeSteering(sub, alpha={1: 2.0, 2: -1.0}).attach(model)
+    after = _coords(model, sub, X)
+    comp.remove()
+    shift1 = (after[1] - before[1]).mean(dim=(0, 1))
+    assert torch.allclose(shift1, 2.0 * sub.basis(1).sum(1) @ sub.basis(1), atol=1e-3)
+    with pytest.raises(ConfigError, match="steered layers"):
+        gr.PreventativeSteering(sub, alpha={1: 2.0})  # layer 2 missing
+    with pytest.raises(ConfigError, match="steered layers"):
+        gr.PreventativeSteering(sub, alpha={1: 2.0, 2: 1.0, 3: 1.0}, layers=[1, 2])

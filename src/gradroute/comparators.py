@@ -121,8 +121,10 @@ class PreventativeSteering(TrainingComparator):
         super().__init__(subspace, layers, during)
         per_layer = alpha if isinstance(alpha, Mapping) else {L: alpha for L in self.layers}
         missing = [L for L in self.layers if L not in per_layer]
-        if missing:
-            raise ConfigError(f"alpha has no value for layers {missing}.", "give alpha for every layer, or one number.")
+        extra = [L for L in per_layer if L not in self.layers]
+        if missing or extra:
+            raise ConfigError(f"alpha's layers {sorted(per_layer, key=str)} do not match the steered layers "
+                              f"{self.layers}.", "give alpha for exactly the steered layers, or one number.")
         for v in per_layer.values():
             if isinstance(v, bool) or not isinstance(v, int | float) or not torch.isfinite(torch.tensor(float(v))):
                 raise ConfigError(f"alpha must be a finite number (or one per layer), got {v!r}.",

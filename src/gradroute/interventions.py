@@ -3,7 +3,7 @@
 Context managers (the model is restored on exit):
 
 - :func:`suppress` — at a layer, remove each direction's positive component:
-  ``h ← h − Σ_j relu(u_jᵀh) u_j``.
+  ``h ← h − Σ_j relu(u_jᵀh) u_j`` (:func:`suppress_all`: at every layer of the subspace).
 - :func:`cap` — Assistant-Axis-style capping: ``h ← h − Σ_j relu(u_jᵀh − τ) u_j``.
 - :func:`ablate` — remove the directions from the weights: writers of the layer
   ``W ← W − U Uᵀ W`` (zeroes the writer rows of an axis-aligned direction; biases too) and
@@ -64,6 +64,17 @@ def suppress(model: nn.Module, subspace: Subspace, layer: LayerKey,
         return (h.float() - P.lift(torch.relu(c), U.to(h.device))).to(h.dtype)
 
     with _on_activation(model, layer, fn):
+        yield
+
+
+@contextmanager
+def suppress_all(model: nn.Module, subspace: Subspace) -> Iterator[None]:
+    """:func:`suppress` at every layer of the subspace at once."""
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        for L in subspace.layers:
+            stack.enter_context(suppress(model, subspace, L))
         yield
 
 

@@ -187,34 +187,43 @@ def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if n_pos == 0 or n_neg == 0:
         return 0.5
-    order = torch.argsort(s)
-    ranks = torch.empty_like(s)
-    ranks[order] = torch.arange(1, len(s) + 1, dtype=s.dtype)
-    for v in torch.unique(s):  # average ranks over ties
-        tie = s == v
-        if int(tie.sum()) > 1:
-            ranks[tie] = ranks[tie].mean()
+    _, inverse, counts = torch.unique(s, return_inverse=True, return_counts=True)
+    # mid-rank of each distinct value: (number below) + (count + 1) / 2
+    below = torch.cumsum(counts, 0) - counts
+    ranks = (below.double() + (counts.double() + 1) / 2)[inverse]
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def crossfit_auroc(x: torch.Tensor, labels: torch.Tensor, folds: int = 2) -> float:
+def crossfit_auroc(x: torch.Tensor, labels: torch.Tensor, folds: int = 2,
+                   groups: Sequence[Any] | None = None) -> float:
     """How well a linear read-out of ``x`` (n x k, e.g. coordinates in a subspace) separates
-    ``labels`` (1/0) without fitting and scoring on the same rows: each class is split into
-    ``folds`` (interleaved); each fold is scored on the diff-of-means direction of the others;
-    one AUROC over all held-out scores (0.5 = no separation, 1 = perfect). 0.5 when a class has
-    fewer rows than ``folds``."""
+    ``labels`` (1/0) without fitting and scoring on the same rows. Rows are split into
+    ``folds`` — by ``groups`` when given (rows of one group, e.g. samples of one prompt, stay in
+    one fold), else interleaved within each class. Each fold is scored on the other folds'
+    diff-of-means read-out, centred at their class midpoint and of unit length,
+    ``(x − (μ₁ + μ₀)/2) · v/‖v‖``, so scores from different folds are comparable; one AUROC over
+    all held-out scores (0.5 = no separation, 1 = perfect). 0.5 when some fold's training rows
+    lack a class."""
     y = labels.reshape(-1).bool()
     if len(x) != len(y):
         raise ProbeDataError(f"crossfit_auroc got {len(x)} rows and {len(y)} labels.", "pass one label per row.")
-    if int(y.sum()) < folds or int((~y).sum()) < folds:
-        return 0.5
     fold = torch.empty(len(y), dtype=torch.long)
-    for cls in (y, ~y):
-        idx = cls.nonzero().flatten()
-        fold[idx] = torch.arange(len(idx)) % folds
+    if groups is not None:
+        if len(groups) != len(y):
+            raise ProbeDataError(f"crossfit_auroc got {len(groups)} groups for {len(y)} rows.", "pass one group per row.")
+        index = {g: i for i, g in enumerate(dict.fromkeys(groups))}
+        fold = torch.tensor([index[g] % folds for g in groups], dtype=torch.long)
+    else:
+        for cls in (y, ~y):
+            idx = cls.nonzero().flatten()
+            fold[idx] = torch.arange(len(idx)) % folds
+    X = x.double()
     scores = torch.empty(len(y), dtype=torch.float64)
     for f in range(folds):
         test, train = fold == f, fold != f
-        v = diff_of_means(x[train & y], x[train & ~y])[0].double()
-        scores[test] = x[test].double() @ v
+        if not bool((train & y).any()) or not bool((train & ~y).any()):
+            return 0.5
+        mu1, mu0 = X[train & y].mean(0), X[train & ~y].mean(0)
+        v = mu1 - mu0
+        scores[test] = (X[test] - (mu1 + mu0) / 2) @ (v / v.norm().clamp_min(1e-300))
     return auroc(scores, y)

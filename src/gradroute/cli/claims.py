@@ -17,8 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="seeds (base model, probe, RL; default: 0 1 2, or 0 with --quick)")
     p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS),
-                   help="arms to run ('unrouted' always runs: it sets the relearning target)")
-    p.add_argument("--adapter-lr-multiplier", type=float, default=30.0,
+                   help="arms to run (default: all; 'unrouted' is always added: it sets the relearning target)")
+    p.add_argument("--adapter-lr-multiplier", type=float, default=None,
                    help="adapter learning rate / the policy's for the activation and random arms (default: 30)")
     p.add_argument("--relearn-steps", type=int, default=None,
                    help="most GRPO steps to relearn the hack after removal (default: 60, or 20 with --quick)")
@@ -42,8 +42,10 @@ def _run(args: argparse.Namespace) -> int:
     check_out_dir(args.out, args.force, allow_existing=out.is_dir() and (out / "report.json").is_file())
     world = load_world(args.envs, args.model) if args.envs else ToyWorld(quick=args.quick, model=args.model)
     seeds = tuple(args.seeds) if args.seeds else ((0,) if args.quick else (0, 1, 2))
-    cfg = ClaimsConfig(seeds=seeds, arms=tuple(args.arms), adapter_lr_multiplier=args.adapter_lr_multiplier,
-                       relearn_steps=args.relearn_steps or (20 if args.quick else 60))
+    kw = {} if args.adapter_lr_multiplier is None else {"adapter_lr_multiplier": args.adapter_lr_multiplier}
+    arms = ("unrouted", *[a for a in args.arms if a != "unrouted"])
+    cfg = ClaimsConfig(seeds=seeds, arms=arms, **kw,
+                       relearn_steps=args.relearn_steps if args.relearn_steps is not None else (20 if args.quick else 60))
     run_claims(out, world, cfg)
     print((out / "summary.md").read_text())
     print(f"output: {out} (report.json, summary.md, claims.png)")
