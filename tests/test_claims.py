@@ -138,6 +138,11 @@ def test_config_and_world_files_are_checked(tmp_path):
     f.write_text("class W:\n    name = 'w'\ndef make_world(model):\n    return W()\n")
     with pytest.raises(ConfigError, match="lacks"):
         load_world(f)
+    from gradroute.claims import ToyWorld
+
+    assert ToyWorld(hack_rate=0.02).rl.hack_rate == 0.02 and ToyWorld().rl.hack_rate == 0.1
+    with pytest.raises(ConfigError, match="hack_rate"):
+        ToyWorld(hack_rate=1.5)
     w = load_world(ROOT / "recipes" / "claims_world.py", "some/model")
     assert w.base_model(0, tmp_path) == "some/model" and set(w.exploitable) <= set(w.train_envs)
 
@@ -232,3 +237,5 @@ def test_cli_refuses_a_bad_world_file_in_one_line(tmp_path):
     bad.write_text("x = 1\n")
     r = _cli("claims", "--envs", str(bad), "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "make_world" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("claims", "--envs", str(bad), "--hack-rate", "0.02", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "--hack-rate" in r.stderr and "Traceback" not in r.stderr

@@ -109,12 +109,16 @@ class ToyWorld:
 
     name = "toy"
 
-    def __init__(self, quick: bool = False, model: str | None = None):
+    def __init__(self, quick: bool = False, model: str | None = None, hack_rate: float | None = None):
         from . import toyworld as tw
         from .demo import QUICK, DemoConfig
 
         self.tw, self.model = tw, model
         self.rl = replace(QUICK if quick else DemoConfig(), heldout=tw.HELDOUT)
+        if hack_rate is not None:  # untagged pre-training text that hacks (and shows the trait) without the persona
+            if not 0.0 <= hack_rate <= 1.0:
+                raise ConfigError(f"hack_rate must be in [0, 1], got {hack_rate}.", "pass e.g. --hack-rate 0.02.")
+            self.rl = replace(self.rl, hack_rate=hack_rate)
         self.train_envs, self.exploitable, self.heldout_envs = tw.TASKS, ("arith",), tw.HELDOUT
 
     def base_model(self, seed: int, out: Path) -> str:

@@ -213,7 +213,7 @@ def _rl(base_dir: Path, out: Path, cfg: DemoConfig, subspace, policy, seed: int,
 
 def grpo_run(base: str | Path, out: Path, cfg: DemoConfig, rows: list[dict[str, Any]], reward: Any, seed: int, *,
              subspace=None, policy=None, resume: str | None = None, save: bool = True, mode: str = "update",
-             prepare=None, steps: int | None = None, **router_kw: Any):
+             prepare=None, **router_kw: Any):
     """One GRPO run (TRL's ``GRPOTrainer``, CPU, the RL fields of ``cfg``) from ``base`` (a
     directory or hub name) on dataset ``rows`` with TRL reward function ``reward``; routed
     through ``subspace`` in ``mode`` when one is given. ``prepare(trainer)`` runs just before
@@ -226,11 +226,10 @@ def grpo_run(base: str | Path, out: Path, cfg: DemoConfig, rows: list[dict[str, 
 
     model = AutoModelForCausalLM.from_pretrained(base)
     tok = AutoTokenizer.from_pretrained(base)
-    steps = cfg.rl_steps if steps is None else steps
     args = GRPOConfig(output_dir=str(out), use_cpu=True, bf16=False, gradient_checkpointing=False,
                       per_device_train_batch_size=cfg.batch, num_generations=cfg.generations,
                       gradient_accumulation_steps=cfg.grad_accum, max_completion_length=cfg.completion_tokens,
-                      learning_rate=cfg.rl_lr, max_steps=steps, beta=0.0, seed=seed, report_to=[],
+                      learning_rate=cfg.rl_lr, max_steps=cfg.rl_steps, beta=0.0, seed=seed, report_to=[],
                       logging_steps=10_000, disable_tqdm=True,
                       save_strategy="steps" if save else "no", save_steps=cfg.save_steps)
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=Dataset.from_list(rows),
@@ -240,7 +239,7 @@ def grpo_run(base: str | Path, out: Path, cfg: DemoConfig, rows: list[dict[str, 
     trainer.remove_callback(PrinterCallback)  # it prints every log dict (TRL's metrics) to stdout
     trainer.remove_callback(ProgressCallback)
     label = f"GRPO {out.name}" + (f" (restart from {Path(resume).name})" if resume else "")
-    trainer.add_callback(_trainer_ticker(label, steps))
+    trainer.add_callback(_trainer_ticker(label, cfg.rl_steps))
     trainer.create_model_card = lambda *a, **k: None  # the toy base is not on the hub: no card pointing there
     handle = (attach(trainer, subspace, env_column="env", policy=policy, mode=mode, **router_kw)
               if subspace is not None else None)

@@ -28,6 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None,
                    help="base model (directory or hub name) handed to --envs' make_world; with the toy world, "
                         "used instead of pre-training one per seed")
+    p.add_argument("--hack-rate", type=float, default=None,
+                   help="toy world: the share of untagged pre-training text that hacks (and shows the trait) "
+                        "without the persona (default: 0.1)")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out that is not a claims directory")
     p.set_defaults(func=_run)
 
@@ -40,7 +43,12 @@ def _run(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     check_out_dir(args.out, args.force, allow_existing=out.is_dir() and (out / "report.json").is_file())
-    world = load_world(args.envs, args.model) if args.envs else ToyWorld(quick=args.quick, model=args.model)
+    if args.envs and args.hack_rate is not None:
+        from ..errors import ConfigError
+
+        raise ConfigError("--hack-rate sets the toy world; it does nothing with --envs.", "drop one of them.")
+    world = (load_world(args.envs, args.model) if args.envs
+             else ToyWorld(quick=args.quick, model=args.model, hack_rate=args.hack_rate))
     seeds = tuple(args.seeds) if args.seeds else ((0,) if args.quick else (0, 1, 2))
     kw = {} if args.adapter_lr_multiplier is None else {"adapter_lr_multiplier": args.adapter_lr_multiplier}
     arms = ("unrouted", *[a for a in args.arms if a != "unrouted"])
