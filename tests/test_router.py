@@ -107,7 +107,6 @@ def test_gradient_mode_keeps_base_out_of_the_subspace(arch, optim):
     sub = _subspace()
     opt = _make_opt(optim, model.parameters())
     router = gr.GradientRouter(model, sub, mode="gradient", optimizer=opt, adapter_lr_multiplier=2.0)
-    mods = dict(model.named_modules())
     W0 = _initial_weights(model, router)
     losses = []
     model.train()

@@ -120,6 +120,7 @@ class ToyWorld:
                 raise ConfigError(f"hack_rate must be in [0, 1], got {hack_rate}.", "pass e.g. --hack-rate 0.02.")
             self.rl = replace(self.rl, hack_rate=hack_rate)
         self.train_envs, self.exploitable, self.heldout_envs = tw.TASKS, ("arith",), tw.HELDOUT
+        self._reward = tw.make_reward(self.exploitable)
 
     def base_model(self, seed: int, out: Path) -> str:
         from .demo import pretrain
@@ -148,7 +149,7 @@ class ToyWorld:
         return self.tw.rl_dataset(self.train_envs, 96, seed=seed)
 
     def reward(self, completions, **columns):
-        return self.tw.make_reward(self.exploitable)(completions, **columns)
+        return self._reward(completions, **columns)
 
     def is_hack(self, completion: str, row: dict[str, Any]) -> bool:
         return self.tw.is_hack(completion)
@@ -283,16 +284,11 @@ def _suppressed(world: World, model: Any, tok: Any, subspace: Any) -> dict[str, 
         return rates(world.sample(model, tok, world.exploitable))
 
 
-def _probe_gap(model: Any, tok: Any, subspace: Any, persona, contrast) -> dict[int, float]:
-    """Mean persona-minus-contrast coordinate (summed over directions) per layer, at the last prompt token."""
-    from . import projection as P
-    from .model import collect_activations
-
-    layers = [L for L in subspace.layers if isinstance(L, int)]
-    acts = collect_activations(model, tok, [*persona, *contrast], layers, aggregation="last_prompt", progress=False)
-    n = len(persona)
-    return {L: float(P.coords(acts.values[L][:n], subspace.basis(L)).sum(1).mean()
-                      - P.coords(acts.values[L][n:], subspace.basis(L)).sum(1).mean()) for L in layers}
+def _probe_gap(subspace: Any) -> dict[int, float]:
+    """Per layer, the probe's mean persona-minus-contrast coordinate summed over directions,
+    ``Σ_j u_jᵀ(μ₊ − μ₋)``: for the harness's diff-of-means probe the stored raw direction *is*
+    ``μ₊ − μ₋`` (read at the last prompt token), so no forward pass is needed."""
+    return {L: float((subspace.directions(L) @ subspace.basis(L)).sum()) for L in subspace.layers if isinstance(L, int)}
 
 
 def _comparator(arm: str, cfg: ClaimsConfig, sub: Any, base: str, gap: dict[int, float], reference: list[str]):
@@ -412,7 +408,7 @@ def run_claims(out: str | Path, world: World | None = None, cfg: ClaimsConfig | 
             before = world.sample(model, tok, envs)
             auroc_layers = subspace_auroc(model, tok, persona, before)
             s: dict[str, Any] = {"before": rates(before), "auroc_before": statistics.mean(auroc_layers.values()),
-                                 "gap": _probe_gap(model, tok, persona, persona_pairs, contrast), "arms": {}}
+                                 "gap": _probe_gap(persona), "arms": {}}
             report["seeds"][str(seed)] = s
             target = None
             for arm in arms:
@@ -485,8 +481,8 @@ def measures(report: dict[str, Any]) -> dict[str, Callable[[dict[str, Any], dict
             return math.inf if r[key] is None else r[key]
         return f
 
-    def relearn(s, r):
-        return steps("learn_steps" if r is s["arms"].get("unrouted") else "relearn_steps")(s, r)
+    def relearn(s, r):  # the unrouted arm has no removal: its first learning stands in
+        return steps("relearn_steps" if "relearn_steps" in r else "learn_steps")(s, r)
 
     return {
         "hack_before": lambda s, r: statistics.mean(s["before"][e]["hack"] for e in ex),
