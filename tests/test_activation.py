@@ -263,8 +263,16 @@ def test_state_round_trip_in_activation_mode(tmp_path):
 
 def test_single_environment_micro_batches_read_the_adapters_own_gradients():
     """The fast path (adapter .grad increments) gives the same per-environment gradients and
-    shares as the token hooks."""
-    shares = []
+    shares as the token hooks.
+
+    Tolerances follow float32 round-off of each compared quantity, not a fixed number: the two
+    paths sum the same per-token products in a different order (the fast path also subtracts
+    accumulated ``.grad`` values), so each environment's gradient agrees to a few float32 ulps of
+    the gradients' scale (measured ~4e-8 relative; bound 1e-5). A share divides by Adam's
+    element-wise ``√v`` and by ``⟨P, ΔA⟩``; when environments pull against each other (shares 2.6
+    and −1.6 on the first step) the error scales with ``Σ|s_e|``, not with ``Σ s_e = 1``
+    (measured up to 2.3e-5 on another machine of this kind; bound 1e-4·Σ|s_e|)."""
+    shares, grads = [], []
     for fast in (True, False):
         model, _ = tiny_lm("llama")
         sub = _subspace()
@@ -273,17 +281,27 @@ def test_single_environment_micro_batches_read_the_adapters_own_gradients():
             router.attribution._param_of = {}
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
         router.bind_optimizer(opt)
-        recs = []
+        recs, gs = [], []
         for i in range(3):
             for j, env in enumerate(("a", "b", "a")):  # gradient accumulation, one env per micro-batch
                 x = _batch(seed=10 * i + j)
                 with router.attribution.batch([env] * 4):
                     (model(input_ids=x, labels=x).loss - 0.1 * _persona_loss(model, sub, x, [1, 2])).backward()
+            gs.append({m: {e: g.clone() for e, g in d.items()} for m, d in router.attribution._G.items()})
             opt.step()
             recs.append(router.step())
             opt.zero_grad()
         shares.append([r.env_share for r in recs])
+        grads.append(gs)
         assert set(recs[-1].attribution.grad_norm) == {"a", "b"}
+    for fast, slow in zip(*grads):
+        assert set(fast) == set(slow) and len(slow) > 0
+        for m in slow:
+            assert set(fast[m]) == set(slow[m]) == {0, 1}
+            scale = sum(float(g.norm()) for g in slow[m].values())
+            for e in slow[m]:
+                assert float((fast[m][e] - slow[m][e]).norm()) <= 1e-5 * scale, (m, e)
     for fast, slow in zip(*shares):
+        spread = sum(abs(v) for v in slow.values())
         for e in slow:
-            assert fast[e] == pytest.approx(slow[e], abs=1e-5)
+            assert fast[e] == pytest.approx(slow[e], abs=1e-4 * spread)
