@@ -305,3 +305,44 @@ def test_single_environment_micro_batches_read_the_adapters_own_gradients():
         spread = sum(abs(v) for v in slow.values())
         for e in slow:
             assert fast[e] == pytest.approx(slow[e], abs=1e-4 * spread)
+
+
+@pytest.mark.parametrize("envs_at", ["forward", "step"])
+def test_gpt2_broadcast_position_embedding_is_attributed_per_row(envs_at):
+    """GPT-2 computes ``wpe(position_ids)`` once, shape (1, T, d), and broadcasts it over the
+    batch. Attribution expands it to one row per sample: each environment's in-span gradient of
+    ``wpe`` (and of every other route) in a mixed batch equals the adapter gradient of a run on
+    that environment's rows alone (summed losses, so rows add), read off the adapter's own
+    ``.grad`` by a different code path."""
+    x = _batch(seed=3, bsz=6)
+    envs = ["a", "b", "a", "a", "b", "b"]
+
+    def run(rows, env_ids, at):
+        torch.manual_seed(0)
+        model, _ = tiny_lm("gpt2")
+        router = gr.GradientRouter(model, _subspace(), mode="activation", attribution=True)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        router.bind_optimizer(opt)
+        xs = x[rows]
+
+        def loss():
+            logits = model(input_ids=xs).logits[:, :-1]
+            return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), xs[:, 1:].reshape(-1),
+                                                     reduction="sum")
+        if at == "forward":
+            with router.attribution.batch(env_ids):
+                loss().backward()
+        else:
+            loss().backward()
+            router.attribution._resolve_pending(env_ids)  # what router.step(env_ids=...) does first
+        return {m: {e: g.clone() for e, g in d.items()} for m, d in router.attribution._G.items()}
+
+    G = run(list(range(6)), envs, envs_at)
+    wpe = next(m for m in G if m.endswith("wpe"))
+    assert set(G[wpe]) == {0, 1}
+    for e, name in enumerate(("a", "b")):
+        rows = [i for i, v in enumerate(envs) if v == name]
+        G_ref = run(rows, [name] * len(rows), "forward")  # single environment: read off .grad
+        for m in G:
+            ref = G_ref[m][0]
+            assert float((G[m][e] - ref).norm()) <= 1e-5 * max(float(ref.norm()), 1e-12), (m, name)

@@ -29,11 +29,11 @@ def _prompts(n=64):
                               "env": ["bang" if i % 2 else "plain" for i in range(n)]})
 
 
-def _grpo(out, steps=30, **kw):
+def _grpo(out, steps=30, arch="llama", **kw):
     from trl import GRPOConfig, GRPOTrainer
 
     torch.manual_seed(0)
-    model, tok = tiny_lm("llama")
+    model, tok = tiny_lm(arch)
     args = GRPOConfig(output_dir=str(out), use_cpu=True, bf16=False, gradient_checkpointing=False,
                       per_device_train_batch_size=8, num_generations=8, max_completion_length=16,
                       gradient_accumulation_steps=2, learning_rate=3e-3, max_steps=steps, report_to=[],
@@ -263,3 +263,17 @@ def test_grpo_lora_policy_and_activation_mode_route_monitor_and_halt(tmp_path, m
                    policy=gr.HaltPolicy(max_adapter_norm=float(threshold) * 0.999))
     trainer2.train()
     assert h2.halted is not None and h2.halted["rule"] == "max_adapter_norm" and h2.halted["step"] <= 12
+
+
+def test_grpo_activation_attribution_on_gpt2_broadcast_position_embedding(tmp_path):
+    """GPT-2's position embedding runs once on a (1, T) position tensor broadcast over the
+    batch; per-environment attribution in activation mode must still match its rows to
+    environments (it used to raise PackingError: '16 environment ids for a batch of 1 rows')."""
+    trainer, persona = _grpo(tmp_path, steps=2, arch="gpt2")
+    handle = gr.attach(trainer, persona, env_column="env", mode="activation")
+    assert any(t.module.endswith("wpe") for t in handle.router.plan)
+    trainer.train()
+    share = handle.router.env_adapter_shares()
+    assert set(share) <= {"bang", "plain"} and share
+    assert sum(share.values()) == pytest.approx(1.0, abs=1e-6)
+    assert handle.log()["step"].tolist() == [1, 2]

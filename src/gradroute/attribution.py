@@ -121,6 +121,7 @@ class Attribution:
         self._last_grad: dict[str, torch.Tensor] = {}
         self._single_env: int | None = None
         self._ctx_single: int | None = None
+        self._forward_rows = 0  # rows of the model's current training forward (its input's batch size)
         self._install(capture, activations)
 
     # ------------------------------------------------------------------ environments
@@ -182,7 +183,7 @@ class Attribution:
         if capture:
             for r in self.routes:
                 self._handles.append(weight_module(modules[r.name]).register_forward_hook(
-                    lambda m, a, out, r=r: self.capture(r, a[0] if a else None, out, m)))
+                    lambda m, a, out, r=r: self.capture(r, a[0] if a else None, out, m)))  # may expand out
         self._handles.append(self.model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True))
         if activations:
             for L, U in self.probes.items():
@@ -208,8 +209,11 @@ class Attribution:
         if torch.is_tensor(mask) and mask.ndim == 2:
             self._mask = mask
         ids = kwargs.get("input_ids", args[0] if args else None)
+        if not torch.is_tensor(ids):
+            ids = kwargs.get("inputs_embeds")
         if torch.is_tensor(ids) and ids.ndim >= 1:
             B = ids.shape[0]
+            self._forward_rows = B
             if self._ctx is not None:
                 if self._ctx.numel() != B:
                     raise EnvColumnError(
@@ -222,18 +226,33 @@ class Attribution:
                 self._pending_rows += B
         return None
 
-    def capture(self, route: Route, x: Any, output: Any, module: torch.nn.Module) -> None:
+    def capture(self, route: Route, x: Any, output: Any, module: torch.nn.Module) -> torch.Tensor | None:
         """Record, in the backward pass, the in-subspace gradient of ``route`` that flows through
-        ``output`` (computed from input ``x``), by environment."""
+        ``output`` (computed from input ``x``), by environment.
+
+        Returns the tensor the module should output instead, or None to keep ``output``: an
+        embedding computed once for the whole batch and broadcast over it (GPT-2's position
+        embedding, ``wpe(position_ids)`` of shape ``(1, T, d)``) is expanded to one row per
+        sample. The forward values are unchanged (the sum it enters broadcasts to the same
+        numbers) and the gradient reaching the weight is the same (``expand``'s backward sums
+        the rows), but the gradient at the expanded tensor is per row, so it can be matched to
+        the rows' environments."""
         if not (self._active(module) and torch.is_tensor(output) and output.requires_grad) or x is None:
-            return
+            return None
         env = self._ctx
         if route.name in self._param_of:
             self._single_env = self._ctx_single if env is not None else None
             if self._single_env is not None:  # read off the adapter's own gradient after the backward
-                return
+                return None
         x = x.detach()
+        replaced = None
+        rows = self._forward_rows
+        if (route.target.side == "embed" and rows > 1 and output.ndim >= 2 and output.shape[0] == 1
+                and torch.is_tensor(x) and x.ndim >= 1 and x.shape[0] == 1):
+            output = replaced = output.expand(rows, *output.shape[1:])
+            x = x.expand(rows, *x.shape[1:])
         output.register_hook(lambda g: self._backward(route, x, g.detach(), env))
+        return replaced
 
     def use_parameter_gradients(self, params: dict[str, torch.nn.Parameter]) -> None:
         """Routes whose adapter coordinates are these trainable parameters (activation mode):

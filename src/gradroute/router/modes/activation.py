@@ -243,7 +243,8 @@ class ActivationMode(RoutingMode):
             xin = x.detach()
             out = y + orient.delta_forward(xin, C.to(output.dtype), U.to(output.dtype))
             if grad and self.attribution is not None and out.requires_grad:
-                self.attribution.capture(r, xin, out, module)
+                per_row = self.attribution.capture(r, xin, out, module)  # a broadcast embedding comes back per row
+                out = out if per_row is None else per_row
             return out
         return hook
 
