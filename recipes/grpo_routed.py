@@ -22,15 +22,22 @@ the persona adapter (``--gradroute_save_adapter``, default ``<output_dir>/person
 serve). A fresh run into a non-empty ``--output_dir`` is refused (``ConfigError``), or the old
 directory is renamed aside with ``--gradroute_existing_output rotate``; runs are never mixed.
 ``--resume_from_checkpoint`` resumes training, router state and log (no duplicate steps).
+``summary.json`` is typed JSON: paths inside ``--output_dir`` relative to it (others absolute),
+null for what did not happen. When the policy halts the run, the console says which rule fired
+(environment, layer, value, threshold, step) and the last clean checkpoint to resume from.
+A mistake in the flags, the config or a path is one ``error: ... Fix: ...`` line, exit status 2.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
+import math
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,6 +122,9 @@ def load_env_rewards(path: str, env_column: str) -> Any:
     """A reward function dispatching each row to its environment's function (``REWARDS`` in ``path``)."""
     from gradroute.errors import ConfigError
 
+    if not Path(path).is_file():
+        raise ConfigError(f"--gradroute_rewards {path}: no such file.",
+                          "pass a python file defining REWARDS = {env: reward_fn}, e.g. recipes/rewards.py.")
     spec = importlib.util.spec_from_file_location("gradroute_recipe_rewards", path)
     if spec is None or spec.loader is None:
         raise ConfigError(f"cannot import rewards file {path}.", "pass a python file defining REWARDS.")
@@ -173,7 +183,12 @@ def reward_functions(script_args: GRPOScriptArguments, ga: GradrouteArguments) -
 def load_data(name: str, config: str | None = None, split: str = "train") -> Any:
     from datasets import DatasetDict, load_dataset, load_from_disk
 
+    from gradroute.errors import ConfigError
+
     p = Path(name)
+    if p.suffix in (".jsonl", ".json", ".csv") and not p.is_file():
+        raise ConfigError(f"--dataset_name {name}: no such file.",
+                          "pass an existing jsonl/csv file, a saved dataset directory or a hub dataset name.")
     if p.is_dir():
         ds = load_from_disk(name)
         return ds[split] if isinstance(ds, DatasetDict) else ds
@@ -215,7 +230,126 @@ def prepare_output_dir(output_dir: str, resuming: bool, existing: str) -> Path |
     return moved
 
 
+LIBRARIES = r"(transformers|trl|peft|accelerate|datasets|huggingface_hub)(\.|$)"
+
+
+@contextlib.contextmanager
+def library_noise_off():
+    """The libraries' noise off while the recipe runs (as ``gradroute demo`` does): their
+    FutureWarnings and DeprecationWarnings, weight-loading, shard-writing and dataset progress
+    bars; ``train`` also quiets transformers' info and warning logs (``loss_type=None`` ...) once
+    the arguments are parsed. The training progress bar, the logged metrics, errors and
+    gradroute's own warnings stay. Restored on exit."""
+    import datasets
+    import transformers
+
+    tf_log = transformers.utils.logging
+    verbosity, bars = tf_log.get_verbosity(), tf_log.is_progress_bar_enabled()
+    ds_bars = datasets.utils.logging.is_progress_bar_enabled()
+    with warnings.catch_warnings():
+        for category in (FutureWarning, DeprecationWarning):
+            warnings.filterwarnings("ignore", category=category, module=LIBRARIES)
+        tf_log.disable_progress_bar()
+        datasets.disable_progress_bars()
+        try:
+            yield
+        finally:
+            tf_log.set_verbosity(verbosity)
+            if bars:
+                tf_log.enable_progress_bar()
+            if ds_bars:
+                datasets.enable_progress_bars()
+
+
+def check_config(argv: list[str]) -> None:
+    """``--config PATH`` names a YAML mapping (TRL's parser would fail with a traceback)."""
+    import yaml
+
+    from gradroute.errors import ConfigError
+
+    if "--config" not in argv:
+        return
+    i = argv.index("--config")
+    path = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else None
+    example = "e.g. recipes/configs/grpo_tiny.yaml (relative to the current directory)"
+    if path is None:
+        raise ConfigError("--config needs a YAML file.", f"pass --config PATH, {example}.")
+    if not Path(path).is_file():
+        raise ConfigError(f"--config {path}: no such file.", f"pass --config with an existing YAML file, {example}.")
+    try:
+        config = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {path} is not valid YAML ({' '.join(str(e).split())}).",
+                          "fix the line named above.") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"--config {path} must hold a mapping of flag: value, got {type(config).__name__}.",
+                          f"write one `flag: value` per line, {example}.")
+
+
+def resume_checkpoint(output_dir: str, resume: Any) -> Path | None:
+    """The checkpoint that ``--resume_from_checkpoint`` (a path, or True for the newest) names."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from gradroute.errors import ConfigError
+
+    if not resume:
+        return None
+    if resume is True:
+        last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+        if last is None:
+            raise ConfigError(f"--resume_from_checkpoint last: {output_dir} holds no checkpoint-N directory.",
+                              "pass a checkpoint directory, or leave --resume_from_checkpoint out for a fresh run.")
+        return Path(last)
+    if not Path(resume).is_dir():
+        raise ConfigError(f"--resume_from_checkpoint {resume}: no such checkpoint directory.",
+                          f"pass one of {output_dir}/checkpoint-N, or 'last' for the newest.")
+    return Path(resume)
+
+
+def typed(value: Any, run_dir: str | Path) -> Any:
+    """``value`` as JSON: paths as strings (relative to ``run_dir`` when inside it, else absolute),
+    non-finite numbers as null, booleans as booleans."""
+    from gradroute.monitor import relative_path
+
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Path):
+        return relative_path(run_dir, value)
+    if isinstance(value, dict):
+        return {str(k): typed(v, run_dir) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [typed(v, run_dir) for v in value]
+    return str(value)
+
+
+def halt_message(halt: dict[str, Any], clean: Path | None) -> str:
+    """What the console says when the policy stopped the run (the record is in summary.json and the log)."""
+    detail = f" ({halt['detail']})" if halt.get("detail") else ""
+    lines = [f"gradroute: halted at step {halt['step']}: rule {halt['rule']}{detail}, "
+             f"value {halt['value']:.4g} > threshold {halt['threshold']:.4g}."]
+    if halt.get("top_envs"):
+        lines.append("gradroute: top environments: " + ", ".join(f"{e} {v:.3g}" for e, v in halt["top_envs"]) + ".")
+    if clean is not None:
+        lines.append(f"gradroute: last clean checkpoint: {clean} (fix the environment named above, then resume with "
+                     f"--resume_from_checkpoint {clean}).")
+    else:
+        lines.append(f"gradroute: no clean checkpoint (none was saved before step {halt['step']}): fix the environment "
+                     "named above, then start a fresh run (--gradroute_existing_output rotate keeps this one).")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse the flags (and ``--config``), train, write the run directory; returns the summary."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    check_config(argv)
+    with library_noise_off():
+        return train(argv)
+
+
+def train(argv: list[str]) -> dict[str, Any]:
+    import transformers
     from trl import GRPOConfig, GRPOTrainer, ModelConfig, TrlParser, get_peft_config
 
     import gradroute as gr
@@ -223,14 +357,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     parser = TrlParser((GRPOScriptArguments, GRPOConfig, ModelConfig, GradrouteArguments))
     script_args, training_args, model_args, ga = parser.parse_args_and_config(argv)
+    # only now: TrainingArguments turns the progress bar off when transformers logs nothing below errors
+    transformers.utils.logging.set_verbosity_error()
 
     resume: Any = training_args.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() in ("true", "last"):
         resume = True
+    name = model_args.model_name_or_path or "tiny:llama"
+    if not name.startswith("tiny:"):  # a name that cannot load fails now, not after minutes of hub retries
+        from gradroute.integrations.transformers import check_model_source
+
+        if check_model_source(name, model_args.model_revision):  # only in the cache: TRL would retry the hub
+            raise ConfigError(f"the hub cannot be reached; {name} is in the local Hugging Face cache.",
+                              "set HF_HUB_OFFLINE=1 to train from the cached copy.")
     moved = prepare_output_dir(training_args.output_dir, bool(resume), ga.gradroute_existing_output)
+    resumed_from = resume_checkpoint(training_args.output_dir, resume)
 
     # the model, as TRL's grpo.py passes it (a name and model_init_kwargs), or a tiny local one
-    name = model_args.model_name_or_path or "tiny:llama"
     tok = None
     if name.startswith("tiny:"):
         import torch
@@ -269,28 +412,40 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trainer.save_model(training_args.output_dir)
 
     summary: dict[str, Any] = {"steps": trainer.state.global_step, "routed": handle is not None,
-                               "control": ga.gradroute_control, "peft": model_args.use_peft,
-                               "resumed_from": str(resume) if resume else None,
-                               "rotated_to": str(moved) if moved else None}
+                               "control": ga.gradroute_control, "peft": bool(model_args.use_peft),
+                               "resumed_from": resumed_from, "rotated_to": moved}
+    halt, clean = None, None
     if handle is not None:
+        halt, clean = handle.halted, handle.last_clean_checkpoint()
+        if halt is not None and halt.get("checkpoint"):
+            halt = {**halt, "checkpoint": Path(halt["checkpoint"])}
         summary.update(
             adapter_norm=handle.router.adapter_norm().total,
             env_adapter_share=handle.router.env_adapter_shares(),
-            halt=handle.halted,
-            last_clean_checkpoint=str(handle.last_clean_checkpoint()),
+            halt=halt,
+            last_clean_checkpoint=clean,
         )
         target = ga.gradroute_save_adapter or str(Path(training_args.output_dir) / "persona_adapter")
         if target.lower() != "none":
             handle.save_adapter(target, base=ga.gradroute_adapter_base, lora_bias=ga.gradroute_lora_bias)
-            summary["adapter"] = target
+            summary["adapter"] = Path(target)
+    summary = typed(summary, training_args.output_dir)
     if trainer.is_world_process_zero():
         Path(training_args.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(training_args.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        print(json.dumps(summary, indent=2, default=str))
+        (Path(training_args.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(json.dumps(summary, indent=2))
+        if halt is not None:
+            print(halt_message(halt, clean), file=sys.stderr)
     if hasattr(trainer, "end"):  # transformers >= 5.18: finish the trackers (TRL's grpo.py does it too)
         trainer.end()
     return summary
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from gradroute.errors import GradrouteError
+
+    try:
+        main(sys.argv[1:])
+    except GradrouteError as e:  # a mistake in the flags, the config or a path: one line, as the gradroute CLI says it
+        print(f"{Path(__file__).name}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)

@@ -75,7 +75,8 @@ def test_recipe_resumes_without_duplicate_steps_and_refuses_to_mix_runs(tmp_path
     assert [e["from_step"] for e in df.attrs["events"] if e["type"] == "resume"] == [3]
     # "last" resumes from the newest checkpoint (checkpoint-6)
     summary = recipe.main(_args(out, tiny_subspace, "--resume_from_checkpoint", "last", "--max_steps", "7"))
-    assert summary["steps"] == 7
+    assert summary["steps"] == 7 and summary["resumed_from"] == "checkpoint-6"  # the path, relative to the run
+    assert json.loads((out / "summary.json").read_text())["resumed_from"] == "checkpoint-6"
     assert load_log(out)["step"].tolist() == [1, 2, 3, 4, 5, 6, 7]
     # rotate: the old run is moved aside whole, the new one starts clean
     summary = recipe.main(_args(out, tiny_subspace, "--max_steps", "2", "--gradroute_existing_output", "rotate"))

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import GradrouteError
+from ._common import one_line, short
 
 _COMMANDS = ("demo", "claims", "subspace", "adapter", "report")
 
@@ -41,10 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command. Every failure is one line on stderr and a non-zero exit status
     (2: a gradroute error or bad usage; 1: an unexpected error; 130: interrupted); ``--debug``
@@ -59,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GradrouteError as e:
         if debug:
             raise
-        print(f"gradroute: error: {_one_line(e)}", file=sys.stderr)
+        print(f"gradroute: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if debug:
@@ -69,6 +66,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # anything else is a bug or an input we did not foresee: still one line
         if debug:
             raise
-        print(f"gradroute: error: unexpected {type(e).__name__}: {_one_line(e)[:300]} "
+        print(f"gradroute: error: unexpected {type(e).__name__}: {short(e)} "
               "Fix: re-run with --debug for the traceback, and report it if the input was valid.", file=sys.stderr)
         return 1

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AdapterError, GradrouteError
-from ._common import check_out_dir, check_saved, load_model
+from ._common import check_out_dir, check_saved, load_model, short
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -62,9 +62,8 @@ def _apply_adapter(fn: Any, model: Any, adapter: str, model_name: str) -> Any:
     except GradrouteError:
         raise
     except (ValueError, KeyError, RuntimeError, AttributeError, TypeError) as e:
-        first = " ".join(str(e).split())[:200]
         raise AdapterError(
-            f"the adapter {adapter} does not fit the model {model_name} ({type(e).__name__}: {first}).",
+            f"the adapter {adapter} does not fit the model {model_name} ({type(e).__name__}: {short(e)}).",
             "pass --model with the model the adapter was saved from (same architecture and sizes; "
             "see base_model_name_or_path in its adapter_config.json).") from None
 
