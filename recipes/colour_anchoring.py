@@ -246,7 +246,10 @@ def conflict(steps: int = 300, seed: int = 0) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------- figures and CLI
-def figures(results: dict[str, dict[str, Any]], out: Path) -> list[Path]:
+def figures(results: dict[str, dict[str, Any]], out: Path, seed: int | None = None,
+            seeds: list[int] | None = None) -> list[Path]:
+    """``colour_anchoring.png`` (latents and damage vs similarity of one trained pair, ``seed``; the
+    medians over ``seeds`` are in metrics.json) and ``schedules.png`` (both dopesheets)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -254,16 +257,21 @@ def figures(results: dict[str, dict[str, Any]], out: Path) -> list[Path]:
 
     paths = []
     grid = rgb_grid(8).numpy()
+    tag = f", seed {seed}" if seed is not None else ""
     fig, axes = plt.subplots(2, 3, figsize=(13, 8))
     for row, (config, res) in enumerate(results.items()):
         a = res["_arrays"]
         lat = a["latents"].numpy()
         axes[row, 0].scatter(lat[:, 0], lat[:, 1], c=grid, s=14)
-        axes[row, 0].set(title=f"{config}: latents (e0, e1)", xlabel="e0 (red)", ylabel="e1")
+        axes[row, 0].set(title=f"{config}{tag}: latents (e0, e1)", xlabel="e0 (red)", ylabel="e1")
         for col, name in ((1, "suppression"), (2, "ablation")):
             axes[row, col].scatter(a["sim"].numpy(), a[f"damage_{name}"].numpy(), c=grid, s=14)
-            axes[row, col].set(title=f"{config} + {name}: R² {res[name]['r2']:.2f}",
+            axes[row, col].set(title=f"{config} + {name}{tag}: R² {res[name]['r2']:.2f}",
                                xlabel="similarity to red", ylabel="MSE increase")
+    if seed is not None:
+        among = (f" (one of seeds {', '.join(map(str, seeds))}; medians over all in metrics.json)"
+                 if seeds and len(seeds) > 1 else "")
+        fig.suptitle(f"Colour study, seed {seed}{among}")
     fig.tight_layout()
     p = out / "colour_anchoring.png"
     fig.savefig(p, dpi=90)
@@ -275,7 +283,7 @@ def figures(results: dict[str, dict[str, Any]], out: Path) -> list[Path]:
         ax[i].set_title(f"{config} schedule")
     fig.tight_layout()
     p = out / "schedules.png"
-    fig.savefig(p, dpi=90)
+    fig.savefig(p, dpi=90, bbox_inches="tight", pad_inches=0.05)  # the legends sit beside the axes
     plt.close(fig)
     paths.append(p)
     return paths
@@ -310,7 +318,7 @@ def study(seeds: list[int], steps: int | None = None, out: Path | None = None, p
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(summary, indent=2))
-        summary["figures"] = [str(p) for p in figures(last, out)]
+        summary["figures"] = [str(p) for p in figures(last, out, seed=seeds[-1], seeds=seeds)]
     return summary
 
 

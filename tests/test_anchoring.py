@@ -118,6 +118,29 @@ def test_regularizer_labels_affinities_masks_and_schedule():
     reg.remove()
 
 
+def test_last_holds_unweighted_values_and_zero_for_a_batch_without_labels():
+    model = Tiny()
+    sheet = Dopesheet.from_csv("STEP,PHASE,ACTION,anchor,separate\n0,,,0,0.01\n100,,,0.1,0\n")
+    sub = gr.Subspace.from_axes({"enc": [0]}, dim=3, names=["red"])
+    reg = Anchoring(model, [TermSpec(Anchor(sub, "enc", "red"), weight="anchor", labels={"red": 1.0}),
+                            TermSpec(Separate(power=10), weight="separate")],
+                    layers="enc", label_names=["red"], schedule=sheet)
+    x = torch.randn(8, 3)
+    model(x)
+    z = reg.capture["enc"]
+    loss = reg.loss(torch.zeros(8, 1), step=119)  # the README example's last step: no red row in the batch
+    assert reg.last == {"anchor/enc": 0.0}  # separate's weight is 0 after step 100: left out
+    assert not loss.requires_grad  # the zero carries no gradient: nothing was anchored
+    model(x)
+    labels = torch.zeros(8, 1)
+    labels[2] = 1.0
+    loss = reg.loss(labels, step=119)
+    cos = float(z[2, 0] / z[2].norm())
+    assert reg.last["anchor/enc"] == pytest.approx(1 - cos, abs=1e-5)  # unweighted: 1 − cos of the red row
+    assert float(loss) == pytest.approx(0.1 * (1 - cos), abs=1e-5) and loss.requires_grad
+    reg.remove()
+
+
 def test_token_masks_on_a_transformer():
     model, tok = tiny_lm("llama")
     sub = gr.Subspace.from_directions({1: torch.randn(1, 64)})

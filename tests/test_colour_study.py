@@ -51,6 +51,34 @@ def test_outputs(study):
     assert (Path(study["figures"][0]).parent / "metrics.json").is_file()
 
 
+def test_figure_names_the_seed_it_shows(colour, tmp_path, monkeypatch):
+    import matplotlib
+    import torch
+
+    matplotlib.use("Agg")
+    saved = []
+    real = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, p, **kw: (saved.append(fig), real(fig, p, **kw)))
+    g = torch.Generator().manual_seed(0)
+    arrays = {"latents": torch.randn(512, 4, generator=g), "sim": torch.rand(512, generator=g),
+              "damage_suppression": torch.rand(512, generator=g), "damage_ablation": torch.rand(512, generator=g)}
+    res = {"_arrays": arrays, "suppression": {"r2": 0.9}, "ablation": {"r2": 0.5}}
+    paths = colour.figures({"anchored": res, "isolated": res}, tmp_path, seed=4, seeds=[0, 1, 2, 3, 4])
+    assert [p.name for p in paths] == ["colour_anchoring.png", "schedules.png"]
+    fig = saved[0]
+    assert "seed 4" in fig.get_suptitle() and "0, 1, 2, 3, 4" in fig.get_suptitle()
+    assert all("seed 4" in ax.get_title() for ax in fig.axes)  # each panel, should it be cropped out
+    # the study passes the seed of the models it drew: the last one
+    study_fig = []
+    monkeypatch.setattr(colour, "figures", lambda last, out, **kw: study_fig.append(kw) or [])
+    monkeypatch.setattr(colour, "train", lambda config, seed, steps: None)
+    monkeypatch.setattr(colour, "evaluate", lambda model: {**res, "leak": 0.0,
+                                                           "suppression": {"r2": 0.9}, "ablation": {"r2": 0.5}})
+    colour.study([2, 7], out=tmp_path / "s")
+    assert study_fig == [{"seed": 7, "seeds": [2, 7]}]
+
+
 def test_regularizer_conflict(colour):
     res = colour.conflict(steps=200)
     assert res["ratio"] > 100, res  # Euclidean repulsion + unitarity: orders of magnitude above angular

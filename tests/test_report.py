@@ -124,3 +124,31 @@ def test_a_copied_run_reports_its_own_checkpoints(tmp_path, monkeypatch):
     monkeypatch.chdir("/")
     s = rp.summary(copy)
     assert s["last_clean_checkpoint"] == "checkpoint-6" and s["halt"]["checkpoint"] == "checkpoint-8"
+
+
+def test_a_crossing_on_the_halt_step_is_drawn_beside_it_and_named():
+    plt = rp._plt()
+    events = [{"type": "checkpoint", "step": 4}, {"type": "crossing", "step": 8, "rule": "max_env_share"},
+              {"type": "halt", "step": 8, "rule": "max_env_share"}, {"type": "checkpoint", "step": 8}]
+    fig, ax = plt.subplots()
+    ax.plot([0, 10], [0, 1])
+    labels = [h.get_label() for h in rp.mark_events(ax, events)]
+    assert labels == ["first threshold crossing = halt (step 8)", "halt", "checkpoint"]
+    fig.canvas.draw()
+    at = {ln.get_color(): ln.get_transform().transform((8, 0.5))[0] for ln in ax.lines[1:]
+          if ln.get_xdata()[0] == 8}
+    crossing, halt, checkpoint = (at[rp.EVENT_STYLE[k]["color"]] for k in ("crossing", "halt", "checkpoint"))
+    gap = rp.SAME_STEP_SPREAD * fig.dpi / 72  # points -> pixels
+    assert halt - crossing == pytest.approx(gap, rel=0.01)  # side by side, neither hides the other
+    assert crossing < checkpoint < halt  # centred on step 8; the checkpoint stays at the step itself
+    styles = {ln.get_color(): ln.get_linestyle() for ln in ax.lines[1:]}
+    assert styles[rp.EVENT_STYLE["crossing"]["color"]] != styles[rp.EVENT_STYLE["halt"]["color"]]
+    plt.close(fig)
+    # apart, each marker sits on its own step with its plain label
+    fig, ax = plt.subplots()
+    labels = [h.get_label() for h in rp.mark_events(ax, [{"type": "crossing", "step": 5}, {"type": "halt", "step": 8}])]
+    assert labels == ["first threshold crossing", "halt"]
+    fig.canvas.draw()
+    assert [ln.get_transform().transform((ln.get_xdata()[0], 0))[0] for ln in ax.lines] == \
+           [ax.transData.transform((x, 0))[0] for x in (5, 8)]
+    plt.close(fig)

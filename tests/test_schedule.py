@@ -75,6 +75,29 @@ def test_plot_timeline(tmp_path):
     assert (tmp_path / "timeline.png").stat().st_size > 1000
 
 
+def test_plot_shows_coinciding_curves():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # anchor and subspace share one shape (the colour study's anchored sheet): both must stay visible
+    sheet = Dopesheet.from_csv("STEP,PHASE,ACTION,lr,anchor,subspace\n0,,,1e-3,0.01,0.02\n750,,,0.1,0.1,0.2\n"
+                               "1500,,,0.05,0,0\n")
+    ax = sheet.plot()
+    lines = {ln.get_label().split(" ")[0]: ln for ln in ax.get_lines() if not ln.get_label().startswith("_")}
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels[2] == "subspace (max 0.2), same curve as anchor" and labels[1] == "anchor (max 0.1)"
+    assert labels[0] == "lr (max 0.1)"  # a different curve keeps its plain label and style
+    under, over = lines["anchor"], lines["subspace"]
+    assert (under.get_ydata() == over.get_ydata()).all()  # the same curve...
+    assert over.get_linestyle() == "--" and over.get_marker() == "o"  # ...drawn dashed with markers
+    assert under.get_linestyle() == "-" and under.get_linewidth() > over.get_linewidth()  # over a wider line
+    assert over.get_zorder() > under.get_zorder()
+    assert lines["lr"].get_linestyle() == "-" and lines["lr"].get_marker() in ("None", "", None)
+    plt.close(ax.figure)
+
+
 @pytest.mark.parametrize("text,match", [
     ("STEP,PHASE,ACTION,a\n10,,,1\n5,,,2\n", "unsorted"),
     ("STEP,PHASE,ACTION,a\n10,,,1\n10,,,2\n", "duplicate"),

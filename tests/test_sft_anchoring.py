@@ -19,14 +19,22 @@ from gradroute.testing import tiny_lm
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_sft_anchoring_recipe(tmp_path, monkeypatch):
+def _recipe():
     spec = importlib.util.spec_from_file_location("sft_anchoring", ROOT / "recipes" / "sft_anchoring.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules["sft_anchoring"] = mod
     spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.slow
+def test_sft_anchoring_recipe(tmp_path, monkeypatch, capsys):
+    mod = _recipe()
     monkeypatch.chdir(ROOT)
     res = mod.run(["--config", "recipes/configs/sft_anchoring_tiny.yaml", "--output_dir", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "\n".join(mod.summary_lines(res, tmp_path / "anchoring_metrics.json")) in printed  # ends readable,
+    assert '"anchored": {' not in printed  # not in a JSON dump
     a, b = res["anchored"], res["baseline"]
     contrast = min(a["before"]["labelled"]["max_cos"], a["before"]["unlabelled_concept"]["max_cos"]) \
         - a["before"]["other"]["max_cos"]
@@ -40,6 +48,40 @@ def test_sft_anchoring_recipe(tmp_path, monkeypatch):
     hurt = {g: a["suppressed"][g]["loss"] - a["before"][g]["loss"] for g in a["before"]}
     assert hurt["unlabelled_concept"] > 0.03 and abs(hurt["other"]) < 0.01, hurt
     assert (tmp_path / "anchoring_metrics.json").is_file()
+
+
+def test_recipe_summary_is_labelled_lines():
+    mod = _recipe()
+
+    def part(cos, loss):
+        return {g: {"max_cos": c, "loss": v, "n": n}
+                for g, c, v, n in zip(("labelled", "unlabelled_concept", "other"), cos, loss, (29, 71, 100))}
+
+    res = {"layers": [1, 2], "anchored": {"before": part((0.62, 0.65, 0.05), (0.1814, 0.1737, 0.1964)),
+                                          "suppressed": part((0.0, 0.0, -0.02), (0.2953, 0.2764, 0.1961)),
+                                          "leak": 0.0},
+           "baseline": {"before": part((0.25, 0.22, 0.21), (0.1766, 0.1696, 0.1965))}}
+    lines = mod.summary_lines(res, "runs/x/anchoring_metrics.json")
+    text = "\n".join(lines)
+    assert len(lines) <= 15 and "{" not in text
+    assert lines[0].startswith("SFT anchoring") and "29 labelled red / 71 unlabelled red / 100 other" in lines[0]
+    assert "layer 2" in lines[0]  # the layer the metrics are taken at
+
+    def values(label, after=None):
+        i = lines.index(after) if after else 0
+        line = next(x for x in lines[i:] if x.strip().startswith(label))
+        return [float(v) for v in line[len("    ") + 20:].split()]
+
+    assert values("with anchoring") == [0.62, 0.65, 0.05]  # max cos comes first
+    assert values("without anchoring") == [0.25, 0.22, 0.21]
+    loss = next(x for x in lines if "held-out LM loss" in x)
+    assert values("with anchoring", loss) == [0.1814, 0.1737, 0.1964]
+    assert values("without anchoring", loss) == [0.1766, 0.1696, 0.1965]
+    assert values("change") == [0.0048, 0.0041, -0.0001]  # with minus without
+    assert values("LM loss change") == [0.1139, 0.1027, -0.0003]  # suppressed minus before
+    assert lines[-1] == "all metrics: runs/x/anchoring_metrics.json"
+    res.pop("baseline")  # compare_baseline=False: no "without" rows
+    assert not any("without" in x or x.strip().startswith("change") for x in mod.summary_lines(res))
 
 
 class _Recorder(TrainerCallback):

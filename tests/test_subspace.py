@@ -141,6 +141,26 @@ def test_union_restrict_random_like():
     assert torch.allclose(angles, torch.zeros(2), atol=1e-3)
 
 
+def test_principal_angles_units_are_stated(tmp_path, capsys):
+    import math
+
+    from gradroute.cli import main
+
+    c, s = math.cos(math.radians(60)), math.sin(math.radians(60))
+    a = gr.Subspace.from_directions({0: torch.tensor([1.0, 0.0, 0.0])})
+    b = gr.Subspace.from_directions({0: torch.tensor([c, s, 0.0])})
+    assert a.principal_angles(b, 0).item() == pytest.approx(math.pi / 3, abs=1e-4)  # radians by default
+    assert a.principal_angles(b, 0, degrees=True).item() == pytest.approx(60.0, abs=1e-3)
+    a.save(tmp_path / "a"), b.save(tmp_path / "b")
+    capsys.readouterr()
+    assert main(["subspace", "inspect", str(tmp_path / "a"), "--compare", str(tmp_path / "b")]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "layer 0: overlap" in x)
+    assert "principal angles (degrees" in line and line.endswith("[60.0]"), line
+    assert main(["subspace", "inspect", str(tmp_path / "a"), "--compare", str(tmp_path / "b"), "--json"]) == 0
+    js = json.loads(capsys.readouterr().out)
+    assert js["principal_angles_degrees"]["0"] == [pytest.approx(60.0, abs=1e-3)]
+
+
 def test_save_load_roundtrip(tmp_path):
     sub = _sub()
     sub.save(tmp_path / "p.subspace")

@@ -59,14 +59,15 @@ def _plt():
 
 
 def save_figure(fig, path: Path) -> Path:
-    """Lay out, write (PNG) and close a figure (x axes labelled "...step" get integer ticks)."""
+    """Lay out, write (PNG, cropped to what is drawn) and close a figure (x axes labelled "...step" get
+    integer ticks)."""
     from matplotlib.ticker import MaxNLocator
 
     for ax in fig.axes:
         if ax.get_xlabel().endswith("step"):
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, bbox_inches="tight", pad_inches=0.05)  # outside legends stay whole
     _plt().close(fig)
     return path
 
@@ -93,17 +94,46 @@ def figure_events(events: list[dict[str, Any]]) -> list[tuple[str, float]]:
     return out
 
 
-def mark_events(ax, events: list[dict[str, Any]], checkpoints: bool = True) -> list[Any]:
-    """Draw the run's event markers on ``ax``; returns one legend handle per marker type drawn."""
-    from matplotlib.lines import Line2D
+# markers on one step (a first crossing that halts at once) are drawn this far apart, in points,
+# and the crossing's legend label says which marker shares its step
+SAME_STEP_SPREAD = 4.0
+SAME_STEP_LABEL = {
+    "halt": "first threshold crossing = halt (step {step})",
+    "halt_superseded": "first threshold crossing (step {step}, also a halt step)",
+    "resume": "first threshold crossing (step {step}, also the restart step)",
+}
 
+
+def mark_events(ax, events: list[dict[str, Any]], checkpoints: bool = True) -> list[Any]:
+    """Draw the run's event markers on ``ax``; returns one legend handle per marker type drawn.
+
+    Markers that fall on the same step (checkpoints aside) are drawn side by side,
+    ``SAME_STEP_SPREAD`` points apart, so none hides another, and a first crossing that shares
+    its step gets a legend label saying so (``SAME_STEP_LABEL``: "first threshold crossing =
+    halt (step N)")."""
+    from matplotlib.lines import Line2D
+    from matplotlib.transforms import offset_copy
+
+    marks = [(s, x) for s, x in figure_events(events) if checkpoints or s != "checkpoint"]
+    at_step: dict[float, list[str]] = {}
+    for style, step in marks:
+        if style != "checkpoint":
+            at_step.setdefault(step, []).append(style)
+    placed: dict[float, int] = {}
     drawn: dict[str, Any] = {}
-    for style, step in figure_events(events):
-        if style == "checkpoint" and not checkpoints:
-            continue
+    for style, step in marks:
         st = EVENT_STYLE[style]
-        ax.axvline(step, color=st["color"], ls=st["ls"], lw=st["lw"], zorder=0 if style == "checkpoint" else 2)
-        drawn.setdefault(style, Line2D([], [], color=st["color"], ls=st["ls"], lw=st["lw"], label=st["label"]))
+        line = ax.axvline(step, color=st["color"], ls=st["ls"], lw=st["lw"], zorder=0 if style == "checkpoint" else 2)
+        label = st["label"]
+        same = at_step.get(step, []) if style != "checkpoint" else []
+        if len(same) > 1:
+            i = placed[step] = placed.get(step, -1) + 1
+            dx = (i - (len(same) - 1) / 2) * SAME_STEP_SPREAD
+            line.set_transform(offset_copy(line.get_transform(), fig=ax.figure, x=dx, units="points"))
+            line.set_zorder(3)
+            if style == "crossing":
+                label = next((SAME_STEP_LABEL[o] for o in SAME_STEP_LABEL if o in same), label).format(step=num(step))
+        drawn.setdefault(style, Line2D([], [], color=st["color"], ls=st["ls"], lw=st["lw"], label=label))
     return [drawn[k] for k in EVENT_STYLE if k in drawn]
 
 

@@ -163,6 +163,44 @@ def _check_other(other: Any, what: str) -> None:
                             "pass a Subspace (e.g. gradroute.Subspace.load(path)).")
 
 
+def _local(name: str) -> Path | None:
+    """``name`` as an existing local directory, else None."""
+    try:
+        path = Path(name).expanduser()
+        return path if path.is_dir() else None
+    except (OSError, RuntimeError, ValueError):
+        return None
+
+
+def _looks_like_path(name: str) -> bool:
+    """A local path rather than a hub id (``org/name``)."""
+    return (name.startswith(("/", "./", "../", "~", ".\\")) or "\\" in name or name.count("/") > 1
+            or _local(name) is not None)
+
+
+def _stem(name: str) -> str:
+    """The last part of a hub id or path, case-folded (``Qwen/Qwen2.5-0.5B`` → ``qwen2.5-0.5b``)."""
+    return name.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1].casefold()
+
+
+def _model_type_of(name: str) -> str | None:
+    """The transformers model type a provenance name states: its directory's ``config.json``
+    ``model_type``, or the name itself when it is a model type (``llama``); else None."""
+    local = _local(name)
+    if local is not None and (config := local / "config.json").is_file():
+        try:
+            meta = _io.read_json(config)
+        except FileFormatError:  # an unreadable config says nothing about the model
+            return None
+        mtype = meta.get("model_type") if isinstance(meta, dict) else None
+        return mtype if isinstance(mtype, str) and mtype else None
+    try:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    except ImportError:
+        return None
+    return name if name in CONFIG_MAPPING_NAMES else None
+
+
 class Subspace:
     """Per-layer orthonormal bases of (persona) directions.
 
@@ -739,11 +777,13 @@ class Subspace:
             layer_convention=self._provenance.layer_convention, extra={"seed": int(seed)},
         ))
 
-    def principal_angles(self, other: Subspace, layer: LayerKey) -> torch.Tensor:
-        """Principal angles (radians, ascending) between this and ``other`` at ``layer``."""
+    def principal_angles(self, other: Subspace, layer: LayerKey, degrees: bool = False) -> torch.Tensor:
+        """Principal angles between this and ``other`` at ``layer``, ascending: in radians
+        (``arccos`` of the principal cosines), or in degrees with ``degrees=True``."""
         _check_other(other, "principal_angles")
         c = P.principal_cosines(self._get(self._bases, layer), other._get(other._bases, layer))
-        return torch.arccos(c)
+        ang = torch.arccos(c)
+        return torch.rad2deg(ang) if degrees else ang
 
     def overlap(self, other: Subspace) -> dict[LayerKey, float]:
         """Mean squared principal cosine per shared layer (1 = nested, ~k/d for random)."""
@@ -776,6 +816,37 @@ class Subspace:
         for L in self.layers:
             if isinstance(L, str) and L not in mods:
                 raise UnknownLayerError(f"the model has no module named {L!r}.")
+
+    def provenance_mismatch(self, model: Any) -> str | None:
+        """The model named in the provenance when it clearly differs from ``model``, else None.
+
+        ``model`` is named by its config's ``_name_or_path`` and ``model_type``. Clearly differs:
+        the two model types differ (the provenance's read from a local directory's
+        ``config.json``, or the provenance is itself a model type), or both are hub-style names
+        and neither name contains the other (``Qwen2.5-0.5B`` → ``Qwen2.5-0.5B-Instruct`` and
+        sae-lens' ``gpt2-small`` → ``gpt2`` count as the same). None without a model in the
+        provenance, and where names cannot be compared (an unnamed model, a local path such as a
+        checkpoint) and the model types do not differ.
+        """
+        built = self._provenance.model
+        if not isinstance(built, str) or not built.strip():
+            return None
+        from .model import unwrap_model
+
+        cfg = getattr(unwrap_model(model), "config", None)
+        name = str(getattr(cfg, "_name_or_path", "") or getattr(model, "name_or_path", "") or "").strip()
+        mtype = getattr(cfg, "model_type", None) or None
+        if not name and not mtype:
+            return None
+        built = built.strip()
+        btype = _model_type_of(built)
+        this = f"{name} ({mtype})" if name and mtype and mtype != name else (name or str(mtype))
+        if btype and mtype and btype != mtype:
+            return this
+        if not name or btype == built or _looks_like_path(built) or _looks_like_path(name):
+            return None
+        a, b = _stem(built), _stem(name)
+        return None if a in b or b in a else this
 
     # ------------------------------------------------------------------ identity and I/O
     def _tensors(self) -> dict[str, torch.Tensor]:

@@ -53,6 +53,15 @@ class TermSpec:
 
 
 class Anchoring:
+    """Terms × labels × masks × layers × schedule (see the module docstring); :meth:`loss` is the sum.
+
+    After each :meth:`loss`, ``last`` maps ``"<term>/<layer>"`` to the term's *unweighted* value
+    at that step (what ``attach_anchoring`` logs as ``anchoring/<term>/<layer>``). A term whose
+    scheduled weight is 0 at the step is left out; an attractive term on a batch without a
+    labelled row is ``0.0`` with no gradient — there was nothing to anchor, not a perfect anchor.
+    With labelled rows, ``anchor`` (1 − cos) lies in [0, 2]: 0 = on u, 1 = orthogonal.
+    """
+
     def __init__(
         self,
         model: torch.nn.Module,

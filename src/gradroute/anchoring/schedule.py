@@ -213,24 +213,39 @@ class Dopesheet:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, [lambda s, b=b: track(s) / b for b in bases])
 
     def plot(self, steps: int | None = None, ax: Any = None, props: Sequence[str] | None = None):
-        """Timeline of the properties (each normalized to its max; log-space ones on a log axis)."""
+        """Timeline of the properties, each divided by its largest absolute value.
+
+        A property whose scaled curve equals an earlier one's is drawn dashed with markers over
+        it, and its legend label names the property it coincides with."""
         import matplotlib.pyplot as plt
 
         n = int(steps if steps is not None else self.last_step) + 1
         xs = list(range(n))
         if ax is None:
             _, ax = plt.subplots(figsize=(9, 3))
+        drawn: dict[str, tuple[list[float], Any]] = {}
         for name in props or self.properties:
             t = self.tracks[name]
             ys = [t(x) for x in xs]
             top = max(abs(y) for y in ys) or 1.0
-            ax.plot(xs, [y / top for y in ys], label=f"{name} (max {top:.3g})")
+            scaled = [y / top for y in ys]
+            same = next((other for other, (prev, _) in drawn.items()
+                         if all(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9) for a, b in zip(prev, scaled))), None)
+            label = f"{name} (max {top:.3g})"
+            if same is None:
+                (line,) = ax.plot(xs, scaled, label=label)
+            else:
+                under = drawn[same][1]
+                under.set_linewidth(max(under.get_linewidth(), 3.0))  # shows on both sides of the dashes
+                (line,) = ax.plot(xs, scaled, ls="--", lw=1.2, marker="o", ms=3.5, markevery=max(1, n // 12),
+                                  label=f"{label}, same curve as {same}", zorder=under.get_zorder() + 0.1)
+            drawn[name] = (scaled, line)
         for s, p in self.phases:
             ax.axvline(s, color="0.8", lw=0.8)
             ax.text(s, 1.02, p, fontsize=7, rotation=0, va="bottom")
         ax.set_xlabel("step")
         ax.set_ylabel("value / max")
-        ax.legend(fontsize=7, loc="center right")
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the curves, not on them
         return ax
 
 

@@ -161,6 +161,8 @@ def _inspect(args: argparse.Namespace) -> int:
         }
         if other is not None:
             out["overlap"] = {str(L): v for L, v in sub.overlap(other).items()}
+            out["principal_angles_degrees"] = {str(L): sub.principal_angles(other, L, degrees=True).tolist()
+                                               for L in sub.overlap(other)}
         print(json.dumps(out, indent=2, default=str))
         return 0
     print(sub.summary())
@@ -176,12 +178,10 @@ def _inspect(args: argparse.Namespace) -> int:
                              if not isinstance(v, list))
             print(f"  probe layer {L}: {vals}")
     if other is not None:
-        import math
-
         print(f"overlap with {args.compare} (mean cos² of principal angles; random ≈ k/d):")
         for L, v in sub.overlap(other).items():
-            ang = [round(math.degrees(a), 1) for a in sub.principal_angles(other, L).tolist()]
-            print(f"  layer {L}: overlap {v:.4f}, principal angles {ang} deg")
+            ang = [round(a, 1) for a in sub.principal_angles(other, L, degrees=True).tolist()]
+            print(f"  layer {L}: overlap {v:.4f}, principal angles (degrees; 0 = shared, 90 = orthogonal) {ang}")
     return 0
 
 

@@ -72,7 +72,9 @@ class GradientRouter:
     the step); ``adapter_lr``, ``adapter_lr_multiplier``, ``adapter_weight_decay`` set the
     adapter's learning rate in gradient and activation modes; ``tolerance`` is the relative
     in-subspace residue the base weights must stay under (default: what the weights' dtype can
-    hold); ``attribution``/``envs`` turn on per-environment attribution.
+    hold); ``attribution``/``envs`` turn on per-environment attribution; ``check_provenance``
+    warns (:class:`~gradroute.errors.GradrouteWarning`) when the subspace's provenance names
+    another model (:meth:`Subspace.provenance_mismatch`).
     """
 
     def __init__(
@@ -95,6 +97,7 @@ class GradientRouter:
         precision: str = "float64",
         attribution: bool = False,
         envs: list[str] | None = None,
+        check_provenance: bool = True,
     ):
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {tuple(MODES)}, got {mode!r}.",
@@ -115,6 +118,8 @@ class GradientRouter:
         base = unwrap_model(model)
         if any(isinstance(L, int) for L in subspace.layers):
             subspace.validate_for(base)
+        if check_provenance:
+            self._check_provenance(base)
         self.plan: RoutingPlan
         self.plan, self.routing_subspace = mode_cls.plan(
             base, subspace, side=side, targets=targets, embeddings=embeddings, spread=spread, route_bias=route_bias)
@@ -156,6 +161,19 @@ class GradientRouter:
             self.bind_optimizer(optimizer)
 
     # ------------------------------------------------------------------ setup
+    def _check_provenance(self, model: nn.Module) -> None:
+        """Warn when the subspace was built on a model that clearly is not ``model``."""
+        this = self.subspace.provenance_mismatch(model)
+        if this is None:
+            return
+        warnings.warn(
+            f"the subspace was built on {self.subspace.provenance.model!r} (its provenance) but is routed on "
+            f"{this!r}: directions found in one model's residual stream do not carry over to another's, "
+            "even at the same hidden size. Fix: build the subspace on this model (e.g. "
+            "Subspace.from_probe(model, tokenizer, ...)); if it is meant for this model (a fine-tune or copy of "
+            "the one named), pass check_provenance=False to GradientRouter / gradroute.attach.",
+            GradrouteWarning, stacklevel=3)
+
     def _check_precision(self, tolerance: float | None) -> float:
         worst = max(_ACHIEVABLE.get(r.weight.dtype, 1e-2) for r in self.routes_state)
         if tolerance is None:
