@@ -129,8 +129,11 @@ def test_config_and_world_files_are_checked(tmp_path):
         ClaimsConfig(seeds=())
     with pytest.raises(ConfigError, match="relearn"):
         ClaimsConfig(relearn_window=0)
-    with pytest.raises(ConfigError, match="not a Python file"):
+    with pytest.raises(ConfigError, match="no such file"):
         load_world(tmp_path / "missing.py")
+    (tmp_path / "w.txt").write_text("x = 1\n")
+    with pytest.raises(ConfigError, match="not a Python file"):
+        load_world(tmp_path / "w.txt")
     f = tmp_path / "w.py"
     f.write_text("x = 1\n")
     with pytest.raises(ConfigError, match="make_world"):
@@ -224,7 +227,8 @@ def test_targets_are_judged_from_the_numbers(quick_run):
 def test_a_users_world_file_runs_through_the_same_harness(quick_run, tmp_path):
     out, _ = quick_run
     r = _cli("claims", "--envs", str(ROOT / "recipes" / "claims_world.py"), "--model", str(out / "seed0" / "base"),
-             "--arms", "unrouted", "activation", "--seeds", "1", "--relearn-steps", "4", "--out", str(tmp_path / "mine"))
+             "--arms", "unrouted", "activation", "--seeds", "1", "--relearn-steps", "4", "--out", str(tmp_path / "mine"),
+             "--jobs", "2")  # a world file is loaded again in each worker process
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((tmp_path / "mine" / "report.json").read_text())
     assert report["world"] == "my-world" and report["train_envs"] == ["arith", "copy"]
@@ -239,3 +243,75 @@ def test_cli_refuses_a_bad_world_file_in_one_line(tmp_path):
     assert r.returncode == 2 and "make_world" in r.stderr and "Traceback" not in r.stderr
     r = _cli("claims", "--envs", str(bad), "--hack-rate", "0.02", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "--hack-rate" in r.stderr and "Traceback" not in r.stderr
+
+
+def _tiny_world():
+    from dataclasses import replace
+
+    from gradroute.claims import ToyWorld
+
+    w = ToyWorld(quick=True)
+    w.rl = replace(w.rl, pretrain_texts=400, pretrain_steps=40, probe_texts=16, rl_steps=3, batch=4, generations=4,
+                   grad_accum=1, eval_prompts=6, eval_samples=1)
+    return w
+
+
+def _no_seconds(x):
+    if isinstance(x, dict):
+        return {k: _no_seconds(v) for k, v in x.items() if k != "seconds"}
+    return x
+
+
+def test_parallel_seeds_and_arms_give_the_numbers_of_one_process(tmp_path, capfd):
+    """jobs=2 (seeds, then each seed's arms after its unrouted arm, in one-thread worker
+    processes) reproduces a jobs=1 run (in this process, on one thread) exactly; worker output
+    is prefixed lines."""
+    from gradroute.claims import run_claims
+
+    world = _tiny_world()
+    cfg = ClaimsConfig(seeds=(0, 1), arms=("unrouted", "activation", "ablation"), relearn_steps=2)
+    threads = torch.get_num_threads()
+    one = run_claims(tmp_path / "one", world, cfg, progress=False, jobs=1)  # the toy world: on one thread
+    assert torch.get_num_threads() == threads  # and back
+    capfd.readouterr()
+    two = run_claims(tmp_path / "two", world, cfg, progress=True, jobs=2)
+    assert _no_seconds(one["seeds"]) == _no_seconds(two["seeds"])
+    assert list(two["seeds"]) == ["0", "1"]
+    assert list(two["seeds"]["0"]["arms"]) == ["unrouted", "activation", "ablation"]
+    assert json.loads((tmp_path / "two" / "report.json").read_text())["seeds"]["1"]["arms"]["ablation"]
+    out = capfd.readouterr().out
+    assert "seed 1: ablation done" in out and "[seed 0 unrouted] " in out
+    assert "\r" not in out  # no progress bars from the workers
+
+
+def test_cli_refuses_a_missing_model_path_before_creating_out(tmp_path, capsys):
+    """A path-like --model that does not exist fails at once, in one line, with no hub retries
+    and no --out left behind; so does a missing --envs file and a directory that is no model."""
+    from gradroute.cli import main
+
+    out = tmp_path / "o"
+    world = str(ROOT / "recipes" / "claims_world.py")
+    for args, expect in ((["--model", "./missing"], "no such file"),
+                         (["--model", str(tmp_path / "nope")], "no such file"),
+                         (["--model", "~/gradroute-no-such-model"], "no such file"),
+                         (["--model", str(tmp_path)], "not a model directory"),
+                         (["--envs", str(tmp_path / "w.py")], "no such file"),
+                         (["--envs", world, "--model", "../missing"], "no such file"),
+                         (["--jobs", "0"], "--jobs")):
+        assert main(["claims", *args, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert expect in err and "Fix:" in err and len(err.strip().splitlines()) == 1, (args, err)
+        assert not out.exists()
+
+
+def test_an_early_failure_leaves_no_empty_out(tmp_path):
+    from gradroute.claims import run_claims
+
+    class Broken(type(_tiny_world())):
+        def base_model(self, seed, out):
+            raise ConfigError("no model.", "pass one.")
+
+    w = Broken(quick=True)
+    with pytest.raises(ConfigError, match="no model"):
+        run_claims(tmp_path / "o", w, ClaimsConfig(seeds=(0,), arms=("unrouted",)), progress=False)
+    assert not (tmp_path / "o").exists()

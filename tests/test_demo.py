@@ -54,6 +54,46 @@ def test_demo_world_behaves(demo):
     assert sum(runs["persona"]["env_adapter_share"].values()) == pytest.approx(1.0, abs=1e-6)
 
 
+def test_demo_rerun_reuses_the_finished_arms(demo, capsys):
+    """A re-run into the same directory with the same configuration reuses the base and every
+    finished arm (what a user gets after Ctrl-C), and gives the same table."""
+    out, rep = demo
+    capsys.readouterr()
+    assert main(["demo", "--out", str(out), "--quick"]) == 0
+    text = capsys.readouterr().out
+    assert "reusing the pre-trained toy model" in text and "reusing 5 completed arm(s)" in text
+    again = json.loads((out / "report.json").read_text())
+    assert again["rates"] == rep["rates"] and again["table"] == rep["table"]
+
+
+def test_demo_numbers_do_not_depend_on_parallel_arms(tmp_path):
+    """Arms run as one-thread processes (jobs=2) give exactly what one process gives (jobs=1);
+    a changed configuration is never served from a stale result, and --fresh starts over."""
+    from gradroute.demo import DemoConfig, run_demo
+
+    tiny = DemoConfig(pretrain_texts=400, pretrain_steps=40, probe_texts=16, rl_steps=4, batch=4, generations=4,
+                      grad_accum=1, save_steps=2, eval_prompts=8, eval_samples=1, baseline_steps=2)
+    one = run_demo(tmp_path / "one", config=tiny, progress=False, jobs=1)
+    two = run_demo(tmp_path / "two", config=tiny, progress=False, jobs=2)
+    assert one["rates"] == two["rates"]
+    for name in one["runs"]:
+        strip = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "halt")}  # noqa: E731
+        assert strip(one["runs"][name]) == strip(two["runs"][name]), name
+    def stamps():
+        return {p.parent.name: json.loads(p.read_text())["fingerprint"] for p in (tmp_path / "one").glob("runs/*/result.json")}
+
+    before = stamps()
+    other = run_demo(tmp_path / "one", config=tiny, progress=False, jobs=1, adapter_lr_multiplier=3.0)
+    after = stamps()
+    assert other["adapter_lr_multiplier"] == 3.0 and set(before) == set(after) and len(after) == 5
+    assert all(after[k] != before[k] for k in after)  # a changed configuration re-ran every arm
+    assert other["runs"]["none"]["after"] == one["runs"]["none"]["after"]  # the same world: the unrouted run agrees
+    for name in ("persona", "random"):  # a re-run arm starts its run directory afresh: no old log continued
+        log = (tmp_path / "one" / "runs" / name / "gradroute.jsonl").read_text().splitlines()
+        steps = [r["step"] for r in map(json.loads, log) if r.get("type") == "step"]
+        assert len(steps) == len(set(steps)) == tiny.rl_steps, name
+
+
 def test_report_command_on_a_run(demo, capsys):
     out, _ = demo
     assert main(["report", str(out / "runs" / "halt"), "--out", str(out / "halt_report")]) == 0
@@ -63,3 +103,26 @@ def test_report_command_on_a_run(demo, capsys):
         any((out / "halt_report").rglob("adapter_norm.png"))
     capsys.readouterr()
     assert main(["report", str(out / "nothing")]) == 2
+
+
+def test_worker_output_is_prefixed_lines_and_errors_cross_the_process_boundary(capsys):
+    """In a worker process (``jobs`` > 1) output lines carry the arm's name, progress is lines (no
+    tqdm bar: stderr is no terminal), and a GradrouteError pickles back to the parent unchanged."""
+    import pickle
+    import sys
+
+    from gradroute import demo
+    from gradroute.errors import ConfigError
+
+    demo._WORKER["on"] = True
+    try:
+        with pytest.raises(ConfigError) as info, demo.worker_output("persona"):
+            print("GRPO persona: step 6/60\rstep 12/60", end="")
+            print(" (1 s)")
+            assert not sys.stderr.isatty()
+            raise ConfigError("bad value.", "pass a good one.")
+    finally:
+        demo._WORKER["on"] = False
+    assert capsys.readouterr().out == "   [persona] GRPO persona: step 6/60\n   [persona] step 12/60 (1 s)\n"
+    back = pickle.loads(pickle.dumps(info.value))
+    assert type(back) is ConfigError and str(back) == "bad value. Fix: pass a good one."

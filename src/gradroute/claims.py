@@ -49,11 +49,14 @@ The toy world (:class:`ToyWorld`) is the default; a user's model and environment
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+import shutil
 import statistics
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -122,6 +125,14 @@ class ToyWorld:
         self.train_envs, self.exploitable, self.heldout_envs = tw.TASKS, ("arith",), tw.HELDOUT
         self._reward = tw.make_reward(self.exploitable)
 
+    def __getstate__(self) -> dict[str, Any]:  # sent to worker processes (``jobs``): no module, no closure
+        return {k: v for k, v in self.__dict__.items() if k not in ("tw", "_reward")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        from . import toyworld as tw
+
+        self.__dict__.update(state, tw=tw, _reward=tw.make_reward(state["exploitable"]))
+
     def base_model(self, seed: int, out: Path) -> str:
         from .demo import pretrain
 
@@ -186,7 +197,10 @@ def load_world(path: str | Path, model: str | None = None) -> World:
     import importlib.util
     import sys
 
-    p = Path(path)
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ConfigError(f"--envs {path}: no such file.",
+                          "pass an existing .py file that defines make_world(model); copy recipes/claims_world.py.")
     if not p.is_file() or p.suffix != ".py":
         raise ConfigError(f"--envs {path}: not a Python file.",
                           "pass a .py file that defines make_world(model); copy recipes/claims_world.py.")
@@ -205,6 +219,8 @@ def load_world(path: str | Path, model: str | None = None) -> World:
     if not set(world.exploitable) <= set(world.train_envs):
         raise ConfigError(f"exploitable environments {list(world.exploitable)} are not all in train_envs "
                           f"{list(world.train_envs)}.", "list every exploitable environment in train_envs.")
+    with contextlib.suppress(AttributeError, TypeError):  # how a worker process builds the same world
+        object.__setattr__(world, "_gradroute_source", (str(p.resolve()), model))
     return world
 
 
@@ -375,56 +391,174 @@ def relearn(world: World, cfg: ClaimsConfig, model: Any, tok: Any, out: Path, se
 
 
 def run_claims(out: str | Path, world: World | None = None, cfg: ClaimsConfig | None = None,
-               progress: bool = True) -> dict[str, Any]:
+               progress: bool = True, jobs: int | None = 1) -> dict[str, Any]:
     """Run every arm for every seed; write ``report.json`` (after each arm), ``summary.md`` and
-    ``claims.png`` under ``out``; return the report."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    ``claims.png`` under ``out``; return the report.
 
+    ``jobs`` > 1 runs the seeds, and after each seed's preparation (base model, probe) and its
+    unrouted arm (which sets the relearning target) the seed's other arms, as that many parallel
+    worker processes with one torch thread each; None: the CPU count. ``jobs=1`` runs everything
+    in this process, the toy world on one torch thread too (as the demo: its numbers then do not
+    depend on ``jobs`` or the core count); another world on the threads torch is given."""
     from ._io import write_json
-    from .demo import _library_noise_off
-    from .subspace import Subspace
+    from .demo import cores, drain, worker_pool
 
     world = world or ToyWorld()
     cfg = cfg or ClaimsConfig()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    envs = (*world.train_envs, *world.heldout_envs)
+    arms = ["unrouted", *[a for a in cfg.arms if a != "unrouted"]]
+    jobs = max(1, min(jobs or cores(), len(cfg.seeds) * max(1, len(arms) - 1)))
+    make = _portable(world) if jobs > 1 else functools.partial(_same, world)
     report: dict[str, Any] = {"world": world.name, "train_envs": list(world.train_envs),
                               "exploitable": list(world.exploitable), "heldout_envs": list(world.heldout_envs),
                               "config": asdict(cfg), "seeds": {}}
-    arms = ["unrouted", *[a for a in cfg.arms if a != "unrouted"]]
-    with _library_noise_off():
-        for seed in cfg.seeds:
-            sd = out / f"seed{seed}"
-            torch.manual_seed(seed)
-            base = world.base_model(seed, sd)
-            model, tok = AutoModelForCausalLM.from_pretrained(base), AutoTokenizer.from_pretrained(base)
-            persona_pairs, contrast = world.probe_pairs(seed)
-            persona = Subspace.from_probe(model, tok, persona_pairs, contrast, aggregation="last_prompt",
-                                          names=["persona"], progress=False)
-            persona.save(sd / "persona.subspace")
-            control = persona.random_like(seed=seed)
-            before = world.sample(model, tok, envs)
-            auroc_layers = subspace_auroc(model, tok, persona, before)
-            s: dict[str, Any] = {"before": rates(before), "auroc_before": statistics.mean(auroc_layers.values()),
-                                 "gap": _probe_gap(persona), "arms": {}}
-            report["seeds"][str(seed)] = s
-            target = None
-            for arm in arms:
-                if progress:
-                    print(f"seed {seed}: {arm} ...", flush=True)
-                r = run_arm(world, cfg, arm, base, sd / arm, seed, persona, control, s["gap"], target, model)
-                if arm == "unrouted":
-                    hack = statistics.mean(r["after"][e]["hack"] for e in world.exploitable)
-                    target = 0.5 * hack
-                    s["relearn_target"] = target
-                    r["learn_steps"] = r.pop("_counter").steps_to(target)
-                s["arms"][arm] = r
-                write_json(out / "report.json", report)  # after every arm: a crash keeps what ran
+    say = print if progress else (lambda *a, **k: None)
+    bases: dict[int, str] = {}
+
+    def submit(pool: Any, seed: int, arm: str | None, target: float | None = None) -> Any:
+        say(f"seed {seed}: {arm or 'base model and persona probe'} ...", flush=True)
+        if arm is None:
+            return pool.apply_async(_task, (make, progress, f"seed {seed}", _prepare, cfg, seed, out / f"seed{seed}"))
+        return pool.apply_async(_task, (make, progress, f"seed {seed} {arm}", _arm, cfg, arm, bases[seed],
+                                        out / f"seed{seed}", seed, target))
+
+    def done(key: tuple[int, str | None], value: Any) -> None:
+        seed, arm = key
+        if arm is None:  # the seed is prepared: its unrouted arm next
+            bases[seed], report["seeds"][str(seed)] = value
+            pending[seed, "unrouted"] = submit(pool, seed, "unrouted")
+            return
+        if jobs > 1:
+            say(f"seed {seed}: {arm} done ({value['seconds']:.0f} s)", flush=True)
+        s = report["seeds"][str(seed)]
+        s["arms"][arm] = value
+        s["arms"] = {a: s["arms"][a] for a in arms if a in s["arms"]}
+        if arm == "unrouted":
+            s["relearn_target"] = _target(world, value)
+        write_json(out / "report.json", report)  # after every arm: a crash keeps what ran
+        if arm == "unrouted":  # the relearning target is set: the seed's other arms
+            pending.update({(seed, a): submit(pool, seed, a, s["relearn_target"]) for a in arms[1:]})
+
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if jobs > 1:
+            say(f"{len(cfg.seeds)} seed(s) x {len(arms)} arms on {jobs} parallel one-thread processes", flush=True)
+        with worker_pool(jobs) if jobs > 1 else _in_process(world) as pool:
+            pending: dict[tuple[int, str | None], Any] = {}
+            for seed in cfg.seeds:
+                pending[seed, None] = submit(pool, seed, None)
+            drain(pending, done)
+    except BaseException:
+        if created and not any(p.is_file() for p in out.rglob("*")):
+            shutil.rmtree(out, ignore_errors=True)  # an early failure leaves no empty --out behind
+        raise
+    report["seeds"] = {str(seed): report["seeds"][str(seed)] for seed in cfg.seeds}
+    write_json(out / "report.json", report)
     (out / "summary.md").write_text(summarize(report))
     figure(report, out / "claims.png")
     return report
+
+
+def _target(world: World, unrouted: dict[str, Any]) -> float:
+    """The relearning target: half the unrouted arm's trained hack rate on the exploitable environments."""
+    return 0.5 * statistics.mean(unrouted["after"][e]["hack"] for e in world.exploitable)
+
+
+def _prepare(world: World, cfg: ClaimsConfig, seed: int, sd: Path) -> tuple[str, dict[str, Any]]:
+    """A seed's base model (its name), persona subspace (saved under ``sd``) and pre-RL measures."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .subspace import Subspace
+
+    torch.manual_seed(seed)
+    base = world.base_model(seed, sd)
+    model, tok = AutoModelForCausalLM.from_pretrained(base), AutoTokenizer.from_pretrained(base)
+    persona_pairs, contrast = world.probe_pairs(seed)
+    persona = Subspace.from_probe(model, tok, persona_pairs, contrast, aggregation="last_prompt",
+                                  names=["persona"], progress=False)
+    persona.save(sd / "persona.subspace", overwrite=True)
+    before = world.sample(model, tok, (*world.train_envs, *world.heldout_envs))
+    auroc_layers = subspace_auroc(model, tok, persona, before)
+    return base, {"before": rates(before), "auroc_before": statistics.mean(auroc_layers.values()),
+                  "gap": _probe_gap(persona), "arms": {}}
+
+
+def _arm(world: World, cfg: ClaimsConfig, arm: str, base: str, sd: Path, seed: int,
+         target: float | None) -> dict[str, Any]:
+    """:func:`run_arm` from the seed's saved base model and persona subspace."""
+    from transformers import AutoModelForCausalLM
+
+    from .subspace import Subspace
+
+    persona = Subspace.load(sd / "persona.subspace")
+    model = AutoModelForCausalLM.from_pretrained(base)
+    r = run_arm(world, cfg, arm, base, sd / arm, seed, persona, persona.random_like(seed=seed), _probe_gap(persona),
+                target, model)
+    if arm == "unrouted":
+        r["learn_steps"] = r.pop("_counter").steps_to(_target(world, r))
+    return r
+
+
+# ------------------------------------------------------------------ worker processes
+def _same(world: World) -> World:
+    return world
+
+
+def _portable(world: World) -> Callable[[], World]:
+    """How a worker process gets ``world``: a world file is loaded again; any other world is
+    pickled (:class:`ToyWorld` is)."""
+    import pickle
+
+    source = getattr(world, "_gradroute_source", None)
+    make = functools.partial(load_world, *source) if source else functools.partial(_same, world)
+    try:
+        pickle.dumps(make)
+    except Exception as e:
+        raise ConfigError(f"the world {world.name!r} cannot be sent to worker processes ({type(e).__name__}: {e}).",
+                          "pass jobs=1 (--jobs 1), or load the world with load_world / --envs.") from None
+    return make
+
+
+def _task(make: Callable[[], World], progress: bool, label: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(world, *args)``, quiet apart from progress (in a worker process: lines prefixed with
+    ``label``)."""
+    from . import demo
+
+    before = demo._PROGRESS["on"]
+    demo._PROGRESS["on"] = progress
+    try:
+        with demo._library_noise_off(), demo.worker_output(label):
+            return fn(make(), *args)
+    finally:
+        demo._PROGRESS["on"] = before
+
+
+class _InProcess:
+    """``jobs=1``: a worker pool's ``apply_async``, each task run at once in this process."""
+
+    class _Done:
+        def __init__(self, value: Any):
+            self.value = value
+
+        def ready(self) -> bool:
+            return True
+
+        def get(self) -> Any:
+            return self.value
+
+    def apply_async(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+        return self._Done(fn(*args))
+
+
+@contextlib.contextmanager
+def _in_process(world: World) -> Iterator[_InProcess]:
+    """``jobs=1``: tasks run in this process, the toy world's on one torch thread (as the demo's)."""
+    from .demo import one_thread
+
+    with one_thread() if isinstance(world, ToyWorld) else contextlib.nullcontext():
+        yield _InProcess()
 
 
 # ------------------------------------------------------------------ summary and figure
@@ -605,46 +739,65 @@ def summarize(report: dict[str, Any]) -> str:
 
 
 def figure(report: dict[str, Any], path: Path) -> Path:
-    """Four panels: exploitable hack and held-out trait (after / removed, medians with ranges),
-    persona AUROC against the deployed hack rate (claim 2), and relearning curves (claim 3)."""
+    """Four panels: exploitable hack and held-out trait (after / removed: median bars, min–max
+    whiskers and a dot per seed when there are several), persona AUROC against the deployed hack
+    rate (claim 2; dots offset per arm and seed so that equal values stay visible), and
+    relearning curves (claim 3)."""
     from .report import _plt, save_figure
 
     plt = _plt()
     m = measures(report)
     seeds = list(report["seeds"].values())
     arms = arms_of(report)
+    several = len(seeds) > 1
     colours = dict(zip(ARMS, ("black", "tab:gray", "tab:green", "tab:olive", "tab:red", "tab:purple", "tab:blue")))
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    markers = dict(zip(ARMS, "os^DvPX"))
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9.5))
+
+    def spread(n: int, width: float) -> list[float]:
+        return [0.0] if n <= 1 else [width * (k / (n - 1) - 0.5) for k in range(n)]
 
     def bars(ax, k_after, k_removed, before_key, title, ylabel):
+        w = 0.38
         for j, (key, label, colour) in enumerate(((k_after, "after training", "tab:orange"),
                                                    (k_removed, "after the arm's inference step", "tab:green"))):
-            vals = [_values(report, m[key], a) or [0.0] for a in arms]
-            med = [statistics.median(v) for v in vals]
-            err = [[x - min(v) for x, v in zip(med, vals)], [max(v) - x for x, v in zip(med, vals)]]
-            ax.bar([i + (j - 0.5) * 0.38 for i in range(len(arms))], med, 0.38, yerr=err, capsize=3, label=label,
-                   color=colour)
+            vals = [_values(report, m[key], a) for a in arms]
+            xs = [i + (j - 0.5) * w for i in range(len(arms))]
+            med = [statistics.median(v) if v else float("nan") for v in vals]
+            ax.bar(xs, med, w * 0.92, color=colour, label=label)
+            for x, v, y in zip(xs, vals, med):
+                if not v:
+                    continue
+                if several:
+                    ax.errorbar([x], [y], yerr=[[y - min(v)], [max(v) - y]], fmt="none", ecolor="k", lw=1, capsize=3)
+                    ax.scatter([x + d for d in spread(len(v), w * 0.5)], v, s=9, color="k", zorder=3)
+                ax.text(x, max(v) + 0.02, f"{y:.2f}", ha="center", va="bottom", fontsize=6.5)
         before = _values(report, m[before_key], "unrouted")
         if before:
             ax.axhline(statistics.median(before), color="k", ls="--", lw=1, label="before RL")
+        else:  # e.g. a world without held-out environments
+            ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center", color="gray")
         ax.set_xticks(range(len(arms)), arms, rotation=20)
         ax.set(title=title, ylabel=ylabel, ylim=(0, 1.3), yticks=[0, 0.2, 0.4, 0.6, 0.8, 1.0])
         ax.legend(fontsize=8, loc="upper center", ncol=3)
 
+    what = (f"\nbar: median of {len(seeds)} seeds, whisker: min–max, dot: a seed" if several else " (one seed)")
     bars(axes[0, 0], "hack_after", "hack_removed", "hack_before",
-         f"Exploitable ({', '.join(report['exploitable'])}): hack rate", "hack rate")
+         f"Exploitable ({', '.join(report['exploitable'])}): hack rate" + what, "hack rate")
     bars(axes[0, 1], "trait_after", "trait_removed", "trait_before",
-         f"Held out ({', '.join(report['heldout_envs'])}): trait rate (emergent spread)", "trait rate")
+         f"Held out ({', '.join(report['heldout_envs'])}): trait rate (emergent spread)" + what, "trait rate")
     ax = axes[1, 0]
-    for a in arms:
+    for i, a in enumerate(arms):
         xs, ys = _values(report, m["hack_inspected"], a), _values(report, m["auroc"], a)
-        ax.scatter(xs, ys, color=colours.get(a, "k"), label=a, s=40)
+        dx = 0.018 * (i - (len(arms) - 1) / 2)  # per arm, so that arms with equal values do not hide each other
+        ax.scatter([x + dx + d for x, d in zip(xs, spread(len(xs), 0.008))], ys, color=colours.get(a, "k"),
+                   marker=markers.get(a, "o"), label=a, s=42, alpha=0.85, edgecolors="white", linewidths=0.5)
     ax.axhline(statistics.median([s["auroc_before"] for s in seeds]), color="k", ls="--", lw=1, label="before RL")
     ax.axhline(0.5, color="k", ls=":", lw=1)
-    ax.set(xlabel="hack rate of the same model (adapters on, hooks off)",
-           ylabel="persona AUROC, bad vs good completions", xlim=(-0.03, 1.03), ylim=(0.3, 1.02),
+    ax.set(xlabel="hack rate of the same model (adapters on, hooks off; dots offset per arm by ≤ 0.05)",
+           ylabel="persona AUROC, bad vs good completions", xlim=(-0.07, 1.07), ylim=(0.3, 1.02),
            title="Claim 2: is the hack still visible in the subspace? (dot = seed)")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.13))
     ax = axes[1, 1]
     for a in arms:
         key = "curve" if a == "unrouted" else "relearn_curve"
@@ -654,7 +807,7 @@ def figure(report: dict[str, Any], path: Path) -> Path:
                 steps = sorted(int(k) for k in curve)
                 steps = [k for k in steps if k <= report["config"]["relearn_steps"]]
                 ax.plot(steps, [curve[k] if k in curve else curve[str(k)] for k in steps], color=colours.get(a, "k"),
-                        alpha=0.8, lw=1.2, marker=".",
+                        alpha=0.8, lw=1.2, marker=markers.get(a, "."), ms=3.5,
                         label=(a if a != "unrouted" else "unrouted: first learning") if i == 0 else None)
     target = [s.get("relearn_target") for s in seeds if s.get("relearn_target") is not None]
     if target:
@@ -662,5 +815,5 @@ def figure(report: dict[str, Any], path: Path) -> Path:
     ax.set(xlabel="GRPO step", ylabel="exploitable rollout hack rate", ylim=(-0.02, 1.02),
            xlim=(-0.5, report["config"]["relearn_steps"] + 0.5),
            title="Claim 3: relearning from the removed model (line = seed)")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.13))
     return save_figure(fig, path)

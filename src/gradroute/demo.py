@@ -20,9 +20,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
+import shutil
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -253,91 +256,204 @@ DEFAULT_MODE = "activation"
 DEFAULT_MULTIPLIER = 30.0
 
 
-@_quietly
-def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, progress: bool = True,
-             config: DemoConfig | None = None, mode: str = DEFAULT_MODE,
-             adapter_lr_multiplier: float | None = None) -> dict[str, Any]:
+@contextlib.contextmanager
+def one_thread():
+    """Torch on one thread while the block runs (restored after).
+
+    The demo's numbers then do not depend on the machine's core count (float reductions split
+    over threads round differently, and RL trajectories follow the round-off), and a loaded
+    2-core machine runs it far faster: two competing torch threads ran ~25x slower than one.
+    Parallelism comes from running independent arms as separate processes (``jobs``)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _fingerprint(obj: Any) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class _Arm:
+    """One GRPO run of the demo: ``name`` (its directory under ``runs/``), the subspace file it
+    routes through (None: not routed), the routing mode and keyword arguments, whether it
+    keeps checkpoints; ``halt``: the halt → fix → restart chain instead of a plain run."""
+
+    name: str
+    subspace: str | None
+    mode: str = "update"
+    kw: tuple[tuple[str, Any], ...] = ()
+    save: bool = False
+    halt: bool = False
+
+
+def _arm_result_file(out: Path, arm: _Arm) -> Path:
+    return out / "runs" / ("halt" if arm.halt else arm.name) / "result.json"
+
+
+def _run_arm(out: Path, cfg: DemoConfig, seed: int, arm: _Arm, fingerprint: str, progress: bool,
+             worker: bool = False) -> dict[str, Any]:
+    """Run one arm from the saved base model and subspaces; write its result file (with the
+    configuration's fingerprint, so that a re-run can reuse it) and return the result."""
+    if worker:  # a fresh process: one thread, no library noise, line output (no tqdm bars) prefixed with the arm
+        _PROGRESS["on"] = progress
+        with one_thread(), _library_noise_off(), worker_output(arm.name):
+            return _run_arm(out, cfg, seed, arm, fingerprint, progress)
     from . import toyworld as tw
     from .monitor import last_clean_checkpoint
     from .policy import HaltPolicy
-    from .report import report
     from .subspace import Subspace
 
-    cfg = config or (QUICK if quick else DemoConfig())
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    timings: dict[str, float] = {}
-    say = print if progress else (lambda *a, **k: None)
-
-    # 1. the world
-    say("1/4 pre-training the toy model on tagged honest/hacker text ...")
-    model, tok, loss = pretrain(cfg, seed, progress)
-    model.save_pretrained(out / "base")
-    tok.save_pretrained(out / "base")
-    rates = {"before": tw.evaluate(model, tok, ENVS, cfg.eval_prompts, cfg.eval_samples)}
-    timings["pretrain"] = time.time() - t0
-
-    # 2. the persona subspace (the toolkit's own probe) and its random control
-    say("2/4 probing the persona subspace ...")
-    hacker, honest = tw.persona_probe_texts(cfg.probe_texts, seed)
-    layers = list(range(cfg.num_layers))
-    persona = Subspace.from_probe(model, tok, hacker, honest, layers=layers, aggregation="last_prompt",
-                                  names=["hacker"], progress=False)
-    control = persona.random_like(seed=seed)
-    persona.save(out / "persona.subspace", overwrite=True)
-    control.save(out / "random.subspace", overwrite=True)
-    probe_acc = {L: d["accuracy"] for L, d in persona.provenance.extra["diagnostics"].items()}
-
-    # 3. RL five ways
-    say(f"3/4 GRPO: {mode}-routed (persona, random control), update-routed (persona), not routed, halt-and-fix ...")
+    t = time.time()
+    # an interrupted or outdated attempt: its log must not be continued, nor its checkpoints resumed from
+    shutil.rmtree(_arm_result_file(out, arm).parent, ignore_errors=True)
     rule = dict(max_activation_z=cfg.max_activation_z, baseline_steps=cfg.baseline_steps,
                 activation_window=cfg.activation_window)
-    watch = HaltPolicy(**rule, action="warn")
-    stop = HaltPolicy(**rule, action="stop")
-    runs: dict[str, Any] = {}
-    mult = adapter_lr_multiplier if adapter_lr_multiplier is not None else (
-        DEFAULT_MULTIPLIER if mode in ("activation", "gradient") else None)
-    kw = {} if mult is None else {"adapter_lr_multiplier": mult}
-    arms = [("persona", persona, mode, kw), ("random", control, mode, kw)]
-    if mode != "update":
-        arms.append(("persona_update", persona, "update", {}))
-    arms.append(("none", None, "update", {}))
-    for name, sub, arm_mode, arm_kw in arms:
-        t = time.time()
-        m, tk, h = _rl(out / "base", out / "runs" / name, cfg, sub, watch if sub is not None else None, seed,
-                       save=name == "persona", mode=arm_mode, **arm_kw)
-        res: dict[str, Any] = {"after": tw.evaluate(m, tk, ENVS, cfg.eval_prompts, cfg.eval_samples)}
+    watch, stop = HaltPolicy(**rule, action="warn"), HaltPolicy(**rule, action="stop")
+    sub = Subspace.load(out / arm.subspace) if arm.subspace else None
+
+    def ev(m, tk):
+        return tw.evaluate(m, tk, ENVS, cfg.eval_prompts, cfg.eval_samples)
+
+    if arm.halt:  # halt, fix the exploitable grader, restart from the last clean checkpoint
+        halt_dir = out / "runs" / "halt"
+        m, tk, h = _rl(out / "base", halt_dir, cfg, sub, stop, seed)
+        halted = dict(h.halted) if h.halted else None
+        if halted and halted.get("checkpoint"):  # relative to the demo directory, which can be moved
+            halted["checkpoint"] = _relative(halted["checkpoint"], out)
+        res: dict[str, Any] = {"halt": halted, "at_halt": ev(m, tk)}
+        h.detach()
+        clean = last_clean_checkpoint(halt_dir)
+        res["restart_from"] = _relative(clean, out) if clean else None
+        if halted and clean is not None:
+            # keep watching (the drift the clean checkpoint already carries would re-trigger a stop at once)
+            m, tk, h = _rl(out / "base", halt_dir, cfg, sub, watch, seed, exploitable=(), fixed=EXPLOITABLE,
+                           resume=str(clean))
+            res["after_fix"] = ev(m, tk)
+            res["steps_after_restart"] = cfg.rl_steps - int(str(clean).rsplit("-", 1)[1])
+            h.detach()
+    else:
+        m, tk, h = _rl(out / "base", out / "runs" / arm.name, cfg, sub, watch if sub is not None else None, seed,
+                       save=arm.save, mode=arm.mode, **dict(arm.kw))
+        res = {"after": ev(m, tk)}
         if h is not None:
             res["env_adapter_share"] = h.router.env_adapter_shares()
             res["adapter_norm"] = h.router.adapter_norm().total
             res["first_crossing"] = h.monitor.violations[0].to_dict() if h.monitor.violations else None
             res["crossings"] = [v.to_dict() for v in h.monitor.violations]
-            h.save_adapter(out / "runs" / name / "adapter")
+            h.save_adapter(out / "runs" / arm.name / "adapter")
             h.discard()
-            res["discarded"] = tw.evaluate(m, tk, ENVS, cfg.eval_prompts, cfg.eval_samples)
+            res["discarded"] = ev(m, tk)
             h.detach()
-        res["mode"] = arm_mode if sub is not None else None
-        res["seconds"] = time.time() - t
-        runs[name] = res
-    # halt, fix the exploitable grader, restart from the last clean checkpoint
-    t = time.time()
-    halt_dir = out / "runs" / "halt"
-    m, tk, h = _rl(out / "base", halt_dir, cfg, persona, stop, seed)
-    halted = dict(h.halted) if h.halted else None
-    res = {"halt": halted, "at_halt": tw.evaluate(m, tk, ENVS, cfg.eval_prompts, cfg.eval_samples)}
-    h.detach()
-    clean = last_clean_checkpoint(halt_dir)
-    res["restart_from"] = str(clean) if clean else None
-    if halted and clean is not None:
-        # keep watching (the drift the clean checkpoint already carries would re-trigger a stop at once)
-        m, tk, h = _rl(out / "base", halt_dir, cfg, persona, watch, seed, exploitable=(), fixed=EXPLOITABLE,
-                       resume=str(clean))
-        res["after_fix"] = tw.evaluate(m, tk, ENVS, cfg.eval_prompts, cfg.eval_samples)
-        res["steps_after_restart"] = cfg.rl_steps - int(str(clean).rsplit("-", 1)[1])
-        h.detach()
+        res["mode"] = arm.mode if sub is not None else None
     res["seconds"] = time.time() - t
-    runs["halt_and_fix"] = res
+    path = _arm_result_file(out, arm)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"fingerprint": fingerprint, "result": res}, indent=2, default=str))
+    return res
+
+
+def _reusable(path: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The stored result at ``path`` if it was made with the same configuration."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data.get("result") if data.get("fingerprint") == fingerprint else None
+
+
+@_quietly
+def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, progress: bool = True,
+             config: DemoConfig | None = None, mode: str = DEFAULT_MODE,
+             adapter_lr_multiplier: float | None = None, jobs: int | None = None,
+             fresh: bool = False) -> dict[str, Any]:
+    """The toy world end to end (module docstring). Torch runs on one thread (:func:`one_thread`:
+    the numbers do not depend on the core count); the GRPO arms run as ``jobs`` parallel
+    one-thread processes (default: the CPU count; 1: in this process, one after the other).
+    A re-run into the same ``out`` with the same configuration reuses the pre-trained base and
+    every arm that finished (``fresh=True`` starts over)."""
+    with one_thread():
+        return _run_demo(Path(out), quick, seed, progress, config, mode, adapter_lr_multiplier, jobs, fresh)
+
+
+def _run_demo(out: Path, quick: bool, seed: int, progress: bool, config: DemoConfig | None, mode: str,
+              adapter_lr_multiplier: float | None, jobs: int | None, fresh: bool) -> dict[str, Any]:
+    from . import toyworld as tw
+    from ._version import __version__
+    from .report import report
+    from .subspace import Subspace
+
+    cfg = config or (QUICK if quick else DemoConfig())
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    timings: dict[str, float] = {}
+    say = print if progress else (lambda *a, **k: None)
+    mult = adapter_lr_multiplier if adapter_lr_multiplier is not None else (
+        DEFAULT_MULTIPLIER if mode in ("activation", "gradient") else None)
+    world_fp = _fingerprint({"config": asdict(cfg), "seed": seed, "gradroute": __version__})
+    run_fp = _fingerprint({"world": world_fp, "mode": mode, "adapter_lr_multiplier": mult})
+
+    # 1. the world (reused when a previous run with the same configuration saved it)
+    world_file = out / "world.json"
+    world = None if fresh else _reusable(world_file, world_fp)
+    if world is not None and all((out / f).exists() for f in ("base", "persona.subspace", "random.subspace")):
+        say("1/4 reusing the pre-trained toy model and persona subspace (--fresh to start over)")
+        persona = Subspace.load(out / "persona.subspace")
+        loss, rates = world["pretrain_loss"], {"before": world["before"]}
+    else:
+        world = None
+        world_file.unlink(missing_ok=True)  # until the new base and subspaces are all written
+        say("1/4 pre-training the toy model on tagged honest/hacker text ...")
+        model, tok, loss = pretrain(cfg, seed, progress)
+        model.save_pretrained(out / "base")
+        tok.save_pretrained(out / "base")
+        rates = {"before": tw.evaluate(model, tok, ENVS, cfg.eval_prompts, cfg.eval_samples)}
+        # 2. the persona subspace (the toolkit's own probe) and its random control
+        say("2/4 probing the persona subspace ...")
+        hacker, honest = tw.persona_probe_texts(cfg.probe_texts, seed)
+        persona = Subspace.from_probe(model, tok, hacker, honest, layers=list(range(cfg.num_layers)),
+                                      aggregation="last_prompt", names=["hacker"], progress=False)
+        persona.save(out / "persona.subspace", overwrite=True)
+        persona.random_like(seed=seed).save(out / "random.subspace", overwrite=True)
+        world_file.write_text(json.dumps({"fingerprint": world_fp, "result": {
+            "pretrain_loss": loss, "before": rates["before"]}}, indent=2))
+    timings["pretrain"] = time.time() - t0
+    probe_acc = {L: d["accuracy"] for L, d in persona.provenance.extra["diagnostics"].items()}
+
+    # 3. RL five ways
+    kw = () if mult is None else (("adapter_lr_multiplier", mult),)
+    arms = [_Arm("persona", "persona.subspace", mode, kw, save=True), _Arm("random", "random.subspace", mode, kw)]
+    if mode != "update":
+        arms.append(_Arm("persona_update", "persona.subspace", "update"))
+    arms += [_Arm("none", None), _Arm("halt_and_fix", "persona.subspace", halt=True)]
+    if mode == "update":  # a previous run's update-mode arm: not this run's (the report reads every run directory)
+        shutil.rmtree(out / "runs" / "persona_update", ignore_errors=True)
+    runs: dict[str, Any] = {}
+    if world is not None:
+        for arm in arms:
+            if (res := _reusable(_arm_result_file(out, arm), run_fp)) is not None:
+                runs[arm.name] = res
+        if runs:
+            say(f"   reusing {len(runs)} completed arm(s): {', '.join(runs)} (--fresh to start over)")
+    todo = [a for a in arms if a.name not in runs]
+    jobs = max(1, min(jobs or cores(), len(todo) or 1))
+    say(f"3/4 GRPO: {mode}-routed (persona, random control), update-routed (persona), not routed, halt-and-fix"
+        + (f"; {jobs} one-thread processes" if jobs > 1 and todo else "") + " ...")
+    if jobs == 1:
+        for arm in todo:
+            runs[arm.name] = _run_arm(out, cfg, seed, arm, run_fp, progress)
+    else:
+        with worker_pool(jobs) as pool:
+            drain({a.name: pool.apply_async(_run_arm, (out, cfg, seed, a, run_fp, progress, True))
+                   for a in sorted(todo, key=lambda a: not a.halt)}, runs.__setitem__)  # the longest first
+    runs = {a.name: runs[a.name] for a in arms}  # the table's order
     timings["rl"] = time.time() - t0 - timings["pretrain"]
 
     # 4. report
@@ -348,9 +464,6 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
         "envs": list(ENVS), "exploitable": list(EXPLOITABLE), "probe_accuracy": probe_acc,
         "rates": rates, "runs": runs, "timings": timings,
     }
-    restart = runs["halt_and_fix"].get("restart_from")
-    if restart:  # shown relative to the demo directory, which can be moved
-        runs["halt_and_fix"]["restart_from"] = _relative(restart, out)
     summary["table"] = _table(summary)
     summary["table_md"] = _table(summary, markdown=True)
     summary["figures"] = [str(p) for p in _rates_figure(summary, out)]
@@ -368,6 +481,109 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
     return summary
 
 
+# ------------------------------------------------------------------ worker processes (``jobs``)
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+_WORKER = {"on": False}  # set in worker processes
+
+
+def cores() -> int:
+    """The CPU cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _worker_init() -> None:
+    """A worker process: one torch thread (set before torch is imported; see :func:`one_thread`);
+    Ctrl-C is the parent's to handle (it terminates the workers)."""
+    import signal
+
+    os.environ.update({v: "1" for v in THREAD_VARS})
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _WORKER["on"] = True
+    import torch
+
+    torch.set_num_threads(1)
+
+
+@contextlib.contextmanager
+def worker_pool(jobs: int) -> Iterator[Any]:
+    """A ``multiprocessing`` pool of ``jobs`` spawned worker processes with one torch thread each;
+    an error or Ctrl-C in the parent terminates them (no queued task runs on)."""
+    import multiprocessing
+
+    saved = {v: os.environ.get(v) for v in THREAD_VARS}
+    os.environ.update({v: "1" for v in THREAD_VARS})  # inherited: set before a worker imports anything
+    try:
+        pool = multiprocessing.get_context("spawn").Pool(jobs, initializer=_worker_init)
+    finally:
+        for v, x in saved.items():
+            if x is None:
+                os.environ.pop(v, None)
+            else:
+                os.environ[v] = x
+    try:
+        yield pool
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+
+
+def drain(pending: dict[Any, Any], done: Callable[[Any, Any], None], poll_s: float = 0.2) -> None:
+    """Wait for the async results in ``pending`` (key -> result), calling ``done(key, value)`` as each
+    finishes (it may add more); a task's error is raised here."""
+    while pending:
+        ready = [k for k, r in pending.items() if r.ready()]
+        for k in ready:
+            done(k, pending.pop(k).get())
+        if not ready:
+            time.sleep(poll_s)
+
+
+class _Prefixed:
+    """A text stream writing every line to ``stream`` with ``prefix`` before it; not a terminal,
+    so progress comes as lines, never as tqdm bars."""
+
+    def __init__(self, stream: Any, prefix: str):
+        self.stream, self.prefix, self.partial = stream, prefix, ""
+
+    def write(self, text: str) -> int:
+        *lines, self.partial = (self.partial + text.replace("\r", "\n")).split("\n")
+        for line in lines:
+            if line.strip():
+                self.stream.write(f"{self.prefix}{line.strip()}\n")
+        self.stream.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+@contextlib.contextmanager
+def worker_output(label: str) -> Iterator[None]:
+    """In a worker process: output lines prefixed with ``[label]`` (parallel workers stay readable),
+    and a GradrouteError raised inside reaches the parent as the same error. Elsewhere: nothing."""
+    from .errors import DriftHalt, GradrouteError
+
+    if not _WORKER["on"]:
+        yield
+        return
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = (_Prefixed(st, f"   [{label}] ") for st in streams)
+    try:
+        yield
+    except GradrouteError as e:
+        if not isinstance(e, DriftHalt):
+            e.args = (e.problem, e.fix)  # pickled to the parent, the error is rebuilt from its args
+        raise
+    finally:
+        sys.stdout, sys.stderr = streams
+
+
 def _relative(path: str | Path, base: Path) -> str:
     p, b = Path(path).resolve(), base.resolve()
     return str(p.relative_to(b)) if p.is_relative_to(b) else str(path)
@@ -377,25 +593,30 @@ def _fmt(r: dict[str, float] | None) -> str:
     return "   –   " if r is None else f"{r['hack']:.2f}/{r['solve']:.2f}"
 
 
+def _stages(s: dict[str, Any]) -> list[tuple[str, dict[str, dict[str, float]] | None]]:
+    """The table's and the figure's columns: (label, rates per environment or None if not run)."""
+    runs = s["runs"]
+    mode = s.get("mode", "update")
+    tag = {"activation": "act", "update": "upd", "gradient": "grad"}.get(mode, mode)
+    cols = [("before RL", s["rates"]["before"]), ("after RL", runs["none"]["after"])]
+    if mode != "update":
+        cols += [(f"after RL [{tag}]", runs["persona"]["after"])]
+    cols += [(f"discard persona [{tag}]", runs["persona"]["discarded"])]
+    if mode != "update":
+        cols += [(f"after RL random [{tag}]", runs["random"]["after"])]
+    cols += [(f"discard random [{tag}]", runs["random"]["discarded"])]
+    if "persona_update" in runs:
+        cols += [("discard persona [upd]", runs["persona_update"]["discarded"])]
+    return cols + [("at halt", runs["halt_and_fix"]["at_halt"]),
+                   ("halt+fix+restart", runs["halt_and_fix"].get("after_fix"))]
+
+
 def _table(s: dict[str, Any], markdown: bool = False) -> str:
     from .report import num
 
     runs = s["runs"]
     mode = s.get("mode", "update")
-    tag = {"activation": "act", "update": "upd", "gradient": "grad"}.get(mode, mode)
-    cols = [("before RL", lambda e: s["rates"]["before"][e]),
-            ("after RL", lambda e: runs["none"]["after"][e])]
-    if mode != "update":
-        cols += [(f"after RL [{tag}]", lambda e: runs["persona"]["after"][e])]
-    cols += [(f"discard persona [{tag}]", lambda e: runs["persona"]["discarded"][e])]
-    if mode != "update":
-        cols += [(f"after RL random [{tag}]", lambda e: runs["random"]["after"][e])]
-    cols += [(f"discard random [{tag}]", lambda e: runs["random"]["discarded"][e])]
-    if "persona_update" in runs:
-        cols += [("discard persona [upd]", lambda e: runs["persona_update"]["discarded"][e])]
-    cols += [
-            ("at halt", lambda e: runs["halt_and_fix"]["at_halt"][e]),
-            ("halt+fix+restart", lambda e: runs["halt_and_fix"].get("after_fix", {}).get(e))]
+    cols = [(label, lambda e, r=r: None if r is None else r.get(e)) for label, r in _stages(s)]
     share = {v: runs[v]["env_adapter_share"] for v in ("persona", "random")}
     if markdown:
         head = "| env (hack/solve) | " + " | ".join(c for c, _ in cols) + " | share of persona adapter | share of random adapter |"
@@ -432,31 +653,33 @@ def _table(s: dict[str, Any], markdown: bool = False) -> str:
 
 
 def _rates_figure(s: dict[str, Any], out: Path) -> list[Path]:
+    """Hack and solve rates per environment at every stage of the table (same columns, same order)."""
     from .report import _plt, save_figure
 
     plt = _plt()
     (out / "figures").mkdir(parents=True, exist_ok=True)
-    runs = s["runs"]
-    tag = s.get("mode", "update")
-    stages = [("before", s["rates"]["before"]), ("after RL (unrouted)", runs["none"]["after"]),
-              (f"discard persona ({tag})", runs["persona"]["discarded"])]
-    if tag != "update":
-        stages.append((f"after RL, random ({tag})", runs["random"]["after"]))
-    stages.append((f"discard random ({tag})", runs["random"]["discarded"]))
-    if "persona_update" in runs:
-        stages.append(("discard persona (update)", runs["persona_update"]["discarded"]))
-    stages.append(("halt+fix", runs["halt_and_fix"].get("after_fix") or runs["halt_and_fix"]["at_halt"]))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharey=True)
-    width = 0.8 / len(stages)
+    stages = _stages(s)
+    fixed = {"before RL": "#7f7f7f", "after RL": "#ff7f0e", "discard persona [upd]": "#bcbd22", "at halt": "#d62728",
+             "halt+fix+restart": "#ff9896"}
+
+    def colour(label: str) -> str:  # a routed arm: dark after RL, light once its adapter is discarded
+        dark, light = ("#9467bd", "#c5b0d5") if "random" in label else ("#2ca02c", "#98df8a")
+        return fixed.get(label) or (light if label.startswith("discard") else dark)
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2), sharey=True)
+    envs = s["envs"]
+    width = 0.84 / len(stages)
     for ax, metric in zip(axes, ("hack", "solve")):
         for i, (label, r) in enumerate(stages):
-            xs = [j + i * width for j in range(len(s["envs"]))]
-            ax.bar(xs, [r[e][metric] for e in s["envs"]], width, label=label)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(s["envs"]))],
-                      [e + (" *" if e in s["exploitable"] else "") for e in s["envs"]])
+            xs = [j - 0.42 + (i + 0.5) * width for j in range(len(envs))]
+            ys = [float("nan") if r is None else r[e][metric] for e in envs]
+            name = label + (" (not routed)" if label == "after RL" else "") + (" (not run)" if r is None else "")
+            ax.bar(xs, ys, width * 0.95, color=colour(label), label=name,
+                   edgecolor="white", linewidth=0.3)
+        ax.set_xticks(range(len(envs)), [e + (" *" if e in s["exploitable"] else "") for e in envs])
         ax.set(title=f"{metric} rate per environment (* exploitable)", ylim=(0, 1.05), xlabel="environment",
                ylabel=f"{metric} rate (fraction of sampled completions)")
-    axes[0].legend(title="model", fontsize=7, title_fontsize=7)
+        ax.grid(axis="y", alpha=0.3)
+    axes[1].legend(title="model (table column)", fontsize=8, title_fontsize=8, loc="upper left",
+                   bbox_to_anchor=(1.02, 1.0))
     return [save_figure(fig, out / "figures" / "rates.png")]
-
-

@@ -16,6 +16,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "an update-mode persona arm always runs too)")
     p.add_argument("--adapter-lr-multiplier", type=float, default=None,
                    help="adapter learning rate / the policy's (activation and gradient modes; default: 30, from the toy-world sweep)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="GRPO arms run as this many parallel one-thread processes (default: the CPU count; "
+                        "1: one after the other in this process). The numbers do not depend on it")
+    p.add_argument("--fresh", action="store_true",
+                   help="start over: do not reuse the pre-trained base or arms that a previous run with the same "
+                        "configuration finished in --out")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out that is not a demo directory")
     p.set_defaults(func=_run)
 
@@ -30,8 +36,12 @@ def _run(args: argparse.Namespace) -> int:
     own = out.is_dir() and ((out / "report.json").is_file() or (out / "runs").is_dir())
     check_out_dir(args.out, args.force, allow_existing=own)  # a previous demo run is regenerated in place
 
+    if args.jobs is not None and args.jobs < 1:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"--jobs must be >= 1, got {args.jobs}.", "pass e.g. --jobs 2, or leave it out.")
     summary = run_demo(out=args.out, quick=args.quick, seed=args.seed, mode=args.mode,
-                       adapter_lr_multiplier=args.adapter_lr_multiplier)
+                       adapter_lr_multiplier=args.adapter_lr_multiplier, jobs=args.jobs, fresh=args.fresh)
     print(summary["table"])
     print(f"\nrun directory: {args.out} (report.md, report.json, figures/, runs/*/gradroute.jsonl); "
           f"{summary['seconds']:.0f} s")
