@@ -585,3 +585,16 @@ def test_cli_force_overwrites(tmp_path, ckpt_run):
     assert main(["adapter", "export", state, "--out", str(out)]) == 0
     assert main(["adapter", "export", state, "--out", str(out)]) == 2
     assert main(["adapter", "export", state, "--out", str(out), "--force"]) == 0
+
+
+def test_errors_cross_process_boundaries_as_themselves():
+    """Worker processes (demo/claims --jobs) send errors to the parent by pickling: a
+    GradrouteError comes back as the same class with the same problem and fix, once."""
+    import pickle
+
+    from gradroute.errors import ConfigError, DriftHalt
+
+    e = pickle.loads(pickle.dumps(ConfigError("bad x.", "do y.")))
+    assert type(e) is ConfigError and e.problem == "bad x." and e.fix == "do y." and str(e).count("Fix:") == 1
+    d = pickle.loads(pickle.dumps(DriftHalt({"rule": "max_adapter_norm", "step": 3})))
+    assert type(d) is DriftHalt and d.record["step"] == 3 and str(d).count("Fix:") == 1

@@ -567,19 +567,13 @@ class _Prefixed:
 def worker_output(label: str) -> Iterator[None]:
     """In a worker process: output lines prefixed with ``[label]`` (parallel workers stay readable),
     and a GradrouteError raised inside reaches the parent as the same error. Elsewhere: nothing."""
-    from .errors import DriftHalt, GradrouteError
-
     if not _WORKER["on"]:
         yield
         return
     streams = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = (_Prefixed(st, f"   [{label}] ") for st in streams)
     try:
-        yield
-    except GradrouteError as e:
-        if not isinstance(e, DriftHalt):
-            e.args = (e.problem, e.fix)  # pickled to the parent, the error is rebuilt from its args
-        raise
+        yield  # a GradrouteError pickles as itself (GradrouteError.__reduce__)
     finally:
         sys.stdout, sys.stderr = streams
 

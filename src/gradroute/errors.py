@@ -21,6 +21,9 @@ class GradrouteError(Exception):
         self.fix = fix if fix is not None else self.default_fix
         super().__init__(f"{problem} Fix: {self.fix}")
 
+    def __reduce__(self):  # pickled (e.g. from a worker process), rebuilt from problem and fix
+        return (type(self), (self.problem, self.fix))
+
 
 class GradrouteWarning(UserWarning):
     """Something is suspicious but training can go on."""
@@ -149,6 +152,9 @@ class DriftHalt(GradrouteError):
     ``record`` carries the halt record (rule, value, threshold, step, top environments),
     the same one written to the run log.
     """
+
+    def __reduce__(self):
+        return (type(self), (self.record,))
 
     def __init__(self, record: dict):
         self.record = record

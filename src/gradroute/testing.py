@@ -91,6 +91,8 @@ def tiny_model(arch: str = "llama", *, seed: int = 0, dtype: torch.dtype = torch
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(cfg)
+    if getattr(model, "loss_type", None) is None:  # GPT2LMHeadModel: transformers cannot infer it and warns once
+        model.loss_type = "ForCausalLM"
     model.config._name_or_path = f"gradroute-tiny-{arch}"
     return model.to(dtype)
 
