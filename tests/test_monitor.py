@@ -77,6 +77,7 @@ def test_rules():
     z = ActivationDriftRule(4.0, baseline_steps=20).check(_rec(21, act={"a": {"1": [1.5, -0.5]}}), hist)
     assert z is not None and z.value == pytest.approx(0.495 / 0.005, rel=1e-6) and "layer 1" in z.detail
     assert z.top_envs[0][0] == "a"
+    assert (z.env, z.layer) == ("a", 1) and z.to_dict()["layer"] == 1  # typed: the report reads fields, not prose
     # a sign flip at the same norm is drift too
     assert ActivationDriftRule(4.0, baseline_steps=20).check(_rec(21, act={"a": {"1": [1.005, 0.5]}}), hist)
     assert ActivationDriftRule(4.0, baseline_steps=20).check(_rec(21, act={"a": {"1": [1.01, -0.5]}}), hist) is None
@@ -209,3 +210,13 @@ def test_a_run_directory_can_be_moved_copied_and_read_from_anywhere(tmp_path, mo
                 r["path"] = old.replace("checkpoint-4", f"checkpoint-{r['step']}")
         (legacy / "gradroute.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
         assert gr.last_clean_checkpoint(legacy) == legacy / "checkpoint-4"
+
+
+def test_report_reads_the_violations_typed_env_and_layer():
+    from gradroute.report import fired_layer
+
+    typed = {"type": "halt", "rule": "activation_z", "env": "arith", "layer": 3, "detail": "reworded prose"}
+    assert fired_layer([typed]) == ("arith", "3")
+    old_log = {"type": "crossing", "rule": "activation_z", "detail": "environment 'copy', layer 1"}
+    assert fired_layer([old_log]) == ("copy", "1")  # logs written before violations carried their layer
+    assert fired_layer([{"type": "halt", "rule": "max_adapter_norm", "detail": ""}]) is None

@@ -43,6 +43,7 @@ class Violation:
     top_envs: list[tuple[str, float]] = field(default_factory=list)
     detail: str = ""
     env: str | None = None  # the environment the rule is about, when there is one
+    layer: int | str | None = None  # the layer the rule is about (activation rules), when there is one
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -194,11 +195,11 @@ class ActivationDriftRule(Rule):
                 sd = max(math.sqrt(var), self.min_std * max(1.0, scale)) / math.sqrt(len(recent))
                 z = math.sqrt(sum((cur[i] - mu[i]) ** 2 for i in range(k))) / sd
                 if worst is None or z > worst[0]:
-                    worst = (z, env, f"environment {env!r}, layer {layer}")
+                    worst = (z, env, layer)
         if worst and worst[0] > self.max_z:
-            z, env, detail = worst
-            v = self._v(record, z, self.max_z, detail)
-            v.env = env
+            z, env, layer = worst
+            v = self._v(record, z, self.max_z, f"environment {env!r}, layer {layer}")
+            v.env, v.layer = env, (int(layer) if str(layer).lstrip("-").isdigit() else layer)
             v.top_envs = [(env, round(z, 3)), *[e for e in v.top_envs if e[0] != env]][:3]
             return v
         return None

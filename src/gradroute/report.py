@@ -154,7 +154,9 @@ def fired_layer(events: list[dict[str, Any]]) -> tuple[str, str] | None:
             [e for e in events if e["type"] == "crossing" and not e.get("superseded")] + \
             [e for e in events if e["type"] == "crossing"]
     for e in cands:
-        m = _LAYER.search(e.get("detail", ""))
+        if e.get("env") is not None and e.get("layer") is not None:  # the typed fields
+            return str(e["env"]), str(e["layer"])
+        m = _LAYER.search(e.get("detail", ""))  # logs written before violations carried their layer
         if m:
             return m.group(1), m.group(2)
     return None
