@@ -93,17 +93,25 @@ def test_the_recipe_leaves_out_library_noise_but_keeps_its_progress_bar(tmp_path
     import transformers
 
     monkeypatch.chdir(ROOT)
+    before = transformers.logging.get_verbosity()
+    # a user's default level (other tests, e.g. recipes run in-process, may leave it at ERROR, which
+    # makes TrainingArguments turn the progress bar off)
+    transformers.logging.set_verbosity_warning()
     verbosity = transformers.logging.get_verbosity()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        _recipe().main(_args(tmp_path / "run", tiny_subspace, "--model_name_or_path", str(saved_tiny_lm),
-                             "--max_steps", "2"))
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _recipe().main(_args(tmp_path / "run", tiny_subspace, "--model_name_or_path", str(saved_tiny_lm),
+                                 "--max_steps", "2"))
+    finally:
+        after = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity(before)
     noisy = [w for w in caught if issubclass(w.category, FutureWarning | DeprecationWarning)]
     assert not noisy, [str(w.message) for w in noisy]
     err = capfd.readouterr().err
     assert "Loading weights" not in err and "Writing model shards" not in err and "Generating train split" not in err
     assert "2/2" in err  # the training progress bar stays
-    assert transformers.logging.get_verbosity() == verbosity  # restored for whoever imported the recipe
+    assert after == verbosity  # restored for whoever imported the recipe
 
 
 def test_the_tiny_config_uses_no_deprecated_names():
