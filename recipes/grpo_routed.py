@@ -83,39 +83,11 @@ class GradrouteArguments:
         default="refuse", metadata={"help": "a fresh run into a non-empty output_dir: refuse or rotate"})
 
 
-POLICY_KEYS = {"max_adapter_norm": float, "max_growth": float, "growth_window": int, "max_env_share": float,
-               "env_share_min_norm": float, "max_activation_z": float, "baseline_steps": int,
-               "activation_window": int, "halt_on_nonfinite": lambda v: str(v).lower() in ("1", "true", "yes"),
-               "action": str}
-
-
 def parse_policy(spec: Any) -> Any:
     """``'max_env_share=0.95,action=warn'`` (or a mapping) -> ``gradroute.HaltPolicy`` (None: no policy)."""
     import gradroute as gr
-    from gradroute.errors import ConfigError
 
-    if spec is None or spec == "" or spec == {}:
-        return None
-    if isinstance(spec, str):
-        items = {}
-        for part in spec.split(","):
-            if not part.strip():
-                continue
-            if "=" not in part:
-                raise ConfigError(f"--gradroute_policy: {part!r} is not key=value.",
-                                  "write it like 'max_env_share=0.95,env_share_min_norm=0.05'.")
-            k, v = part.split("=", 1)
-            items[k.strip()] = v.strip()
-        spec = items
-    if not isinstance(spec, dict):
-        raise ConfigError(f"--gradroute_policy must be key=value pairs or a mapping, got {spec!r}.")
-    unknown = sorted(set(spec) - set(POLICY_KEYS))
-    if unknown:
-        raise ConfigError(f"--gradroute_policy: unknown keys {unknown}.", f"use some of {sorted(POLICY_KEYS)}.")
-    try:
-        return gr.HaltPolicy(**{k: POLICY_KEYS[k](v) for k, v in spec.items()})
-    except ValueError as e:
-        raise ConfigError(f"--gradroute_policy: {e}.", "give numbers for the thresholds.") from None
+    return gr.HaltPolicy.from_dict(spec, what="--gradroute_policy")
 
 
 def load_env_rewards(path: str, env_column: str) -> Any:

@@ -220,3 +220,24 @@ def test_report_reads_the_violations_typed_env_and_layer():
     old_log = {"type": "crossing", "rule": "activation_z", "detail": "environment 'copy', layer 1"}
     assert fired_layer([old_log]) == ("copy", "1")  # logs written before violations carried their layer
     assert fired_layer([{"type": "halt", "rule": "max_adapter_norm", "detail": ""}]) is None
+
+
+def test_halt_policy_from_a_config_mapping_or_text():
+    """HaltPolicy.from_dict: the one schema that YAML configs and command lines (the recipe's
+    --gradroute_policy) use; values get the keyword's type, mistakes name the key."""
+    from gradroute.errors import ConfigError
+    from gradroute.policy import ActivationDriftRule, EnvShareRule, NonFiniteRewardRule
+
+    p = gr.HaltPolicy.from_dict("max_env_share=0.95, env_share_min_norm=0.05,action=warn")
+    assert p.action == "warn" and isinstance(p.rules[0], EnvShareRule) and p.rules[0].max_share == 0.95
+    q = gr.HaltPolicy.from_dict({"max_activation_z": "6", "baseline_steps": "10", "halt_on_nonfinite": "false",
+                                 "max_nonfinite_rewards": 2})
+    assert [type(r) for r in q.rules] == [ActivationDriftRule, NonFiniteRewardRule]
+    assert q.rules[0].baseline_steps == 10 and isinstance(q.rules[0].baseline_steps, int)
+    assert gr.HaltPolicy.from_dict(None) is None and gr.HaltPolicy.from_dict("") is None
+    with pytest.raises(ConfigError, match="--pol: unknown keys \\['max_norm'\\]"):
+        gr.HaltPolicy.from_dict("max_norm=3", what="--pol")
+    with pytest.raises(ConfigError, match="not key=value"):
+        gr.HaltPolicy.from_dict("max_env_share")
+    with pytest.raises(ConfigError, match="give numbers"):
+        gr.HaltPolicy.from_dict({"max_env_share": "high"})

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import statistics
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -280,6 +280,44 @@ class HaltPolicy:
                 raise ConfigError(f"{r!r} is not a gradroute.policy.Rule.",
                                   "pass instances of the rule classes in gradroute.policy (or subclasses of Rule).")
             self.rules.append(r)
+
+    # the keywords a policy can be written with in a config file or on a command line, and their types
+    SPEC_KEYS: dict[str, Callable[[Any], Any]] = {
+        "max_adapter_norm": float, "max_growth": float, "growth_window": int, "max_env_share": float,
+        "env_share_min_norm": float, "max_activation_z": float, "baseline_steps": int, "activation_window": int,
+        "halt_on_nonfinite": lambda v: v if isinstance(v, bool) else str(v).strip().lower() in ("1", "true", "yes"),
+        "max_nonfinite_rewards": int, "action": str}
+
+    @classmethod
+    def from_dict(cls, spec: Mapping[str, Any] | str | None, what: str = "policy") -> HaltPolicy | None:
+        """A policy from a mapping (a YAML config) or ``'key=value,key=value'`` text (a command
+        line): ``HaltPolicy.from_dict("max_env_share=0.95,action=warn")``. Values are converted to
+        the keyword's type (:attr:`SPEC_KEYS`); an empty spec gives None (no policy). ``what``
+        names the option in error messages."""
+        if spec is None or spec == "" or spec == {}:
+            return None
+        if isinstance(spec, str):
+            items: dict[str, str] = {}
+            for part in spec.split(","):
+                if not part.strip():
+                    continue
+                if "=" not in part:
+                    raise ConfigError(f"{what}: {part!r} is not key=value.",
+                                      "write it like 'max_env_share=0.95,env_share_min_norm=0.05'.")
+                k, v = part.split("=", 1)
+                items[k.strip()] = v.strip()
+            spec = items
+        if not isinstance(spec, Mapping):
+            raise ConfigError(f"{what} must be key=value pairs or a mapping, got {spec!r}.",
+                              "write it like 'max_env_share=0.95,action=warn'.")
+        unknown = sorted(set(spec) - set(cls.SPEC_KEYS))
+        if unknown:
+            raise ConfigError(f"{what}: unknown keys {unknown}.", f"use some of {sorted(cls.SPEC_KEYS)}.")
+        try:
+            kw = {k: cls.SPEC_KEYS[k](v) for k, v in spec.items()}
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{what}: {e}.", "give numbers for the thresholds and window sizes.") from None
+        return cls(**kw)
 
     def __or__(self, other: HaltPolicy) -> HaltPolicy:
         if not isinstance(other, HaltPolicy):
