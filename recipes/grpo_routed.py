@@ -212,25 +212,12 @@ def library_noise_off():
     bars; ``train`` also quiets transformers' info and warning logs (``loss_type=None`` ...) once
     the arguments are parsed. The training progress bar, the logged metrics, errors and
     gradroute's own warnings stay. Restored on exit."""
-    import datasets
-    import transformers
+    from gradroute.integrations.transformers import library_bars_off
 
-    tf_log = transformers.utils.logging
-    verbosity, bars = tf_log.get_verbosity(), tf_log.is_progress_bar_enabled()
-    ds_bars = datasets.utils.logging.is_progress_bar_enabled()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), library_bars_off():
         for category in (FutureWarning, DeprecationWarning):
             warnings.filterwarnings("ignore", category=category, module=LIBRARIES)
-        tf_log.disable_progress_bar()
-        datasets.disable_progress_bars()
-        try:
-            yield
-        finally:
-            tf_log.set_verbosity(verbosity)
-            if bars:
-                tf_log.enable_progress_bar()
-            if ds_bars:
-                datasets.enable_progress_bars()
+        yield
 
 
 def check_config(argv: list[str]) -> None:

@@ -43,3 +43,17 @@ def saved_tiny_lm(tmp_path_factory):
     from gradroute.testing import save_tiny_lm
 
     return save_tiny_lm(tmp_path_factory.mktemp("tiny") / "llama", "llama")
+
+
+@pytest.fixture(scope="module")
+def tiny_subspace(tmp_path_factory):
+    """A persona subspace built by the CLI on tiny:llama (layers 2, 3) from the recipe's probe texts."""
+    from pathlib import Path
+
+    from gradroute.cli import main as cli
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path_factory.mktemp("sub") / "tiny.subspace"
+    assert cli(["subspace", "build", "--model", "tiny:llama", "--texts", str(root / "recipes/data/probe_hack.jsonl"),
+                "--layers", "2", "3", "--out", str(out)]) == 0
+    return out

@@ -28,14 +28,6 @@ def _recipe():
     return mod
 
 
-@pytest.fixture(scope="module")
-def tiny_subspace(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sub") / "tiny.subspace"
-    assert cli(["subspace", "build", "--model", "tiny:llama", "--texts", str(ROOT / "recipes/data/probe_hack.jsonl"),
-                "--layers", "2", "3", "--out", str(out)]) == 0
-    return out
-
-
 def _args(out, sub, *extra):
     return ["--config", "recipes/configs/grpo_tiny.yaml", "--output_dir", str(out), "--gradroute_subspace", str(sub),
             *extra]

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from gradroute.cli import main as cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,14 +19,6 @@ def _recipe(name):
     sys.modules[name] = mod  # dataclasses look their module up
     spec.loader.exec_module(mod)
     return mod
-
-
-@pytest.fixture(scope="module")
-def tiny_subspace(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sub") / "tiny.subspace"
-    assert cli(["subspace", "build", "--model", "tiny:llama", "--texts", str(ROOT / "recipes/data/probe_hack.jsonl"),
-                "--layers", "2", "3", "--out", str(out)]) == 0
-    return out
 
 
 @pytest.mark.parametrize("variant", [[], ["--gradroute_control", "random"], ["--gradroute_no_route", "true"]])

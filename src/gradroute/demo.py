@@ -128,30 +128,16 @@ def _library_noise_off():
     """The demo's own output only: no transformers/TRL FutureWarnings or deprecation notes, no
     "Writing model shards" bars, no datasets bars, no per-crossing drift warnings (the report
     lists the crossings). Restored on exit, so that importing code keeps its settings."""
-    import datasets
     import transformers
 
     from .errors import GradrouteWarning
+    from .integrations.transformers import library_bars_off
 
-    tf_log = transformers.utils.logging
-    verbosity, bars = tf_log.get_verbosity(), tf_log.is_progress_bar_enabled()
-    ds_bars = datasets.utils.logging.is_progress_bar_enabled()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", category=UserWarning)
-        warnings.filterwarnings("ignore", category=GradrouteWarning)
-        tf_log.set_verbosity_error()
-        tf_log.disable_progress_bar()
-        datasets.disable_progress_bars()
-        try:
-            yield
-        finally:
-            tf_log.set_verbosity(verbosity)
-            if bars:
-                tf_log.enable_progress_bar()
-            if ds_bars:
-                datasets.enable_progress_bars()
+    with warnings.catch_warnings(), library_bars_off():
+        for category in (FutureWarning, DeprecationWarning, UserWarning, GradrouteWarning):
+            warnings.filterwarnings("ignore", category=category)
+        transformers.utils.logging.set_verbosity_error()
+        yield
 
 
 def _quietly(fn):

@@ -7,7 +7,9 @@ written against earlier versions.
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,29 @@ from ..model import (  # noqa: F401  (re-exported)
     residual_hooks,
     unwrap_model,
 )
+
+
+@contextlib.contextmanager
+def library_bars_off() -> Iterator[None]:
+    """transformers' and datasets' progress bars (weight loading, shard writing, dataset
+    preparation) off, and transformers' log level saved, while the block runs; all restored on
+    exit, so that importing code keeps its settings. Callers add their own warning filters."""
+    import datasets
+    import transformers
+
+    tf_log = transformers.utils.logging
+    verbosity, bars = tf_log.get_verbosity(), tf_log.is_progress_bar_enabled()
+    ds_bars = datasets.utils.logging.is_progress_bar_enabled()
+    tf_log.disable_progress_bar()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        tf_log.set_verbosity(verbosity)
+        if bars:
+            tf_log.enable_progress_bar()
+        if ds_bars:
+            datasets.enable_progress_bars()
 
 
 def load_model_and_tokenizer(name_or_path: str, dtype: torch.dtype | str | None = None, device: str | None = None):
