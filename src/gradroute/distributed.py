@@ -37,11 +37,3 @@ def all_reduce_sum(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         i += n
     return out
 
-
-def broadcast_object(obj):
-    """Rank 0's ``obj`` on every rank."""
-    if world_size() == 1:
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]

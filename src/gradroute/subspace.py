@@ -702,10 +702,6 @@ class Subspace:
             raise HiddenSizeMismatchError(f"layers have different dimensions {sorted(ds)}.")
         return ds.pop()
 
-    @property
-    def total_rank(self) -> int:
-        return sum(U.shape[1] for U in self._bases.values())
-
     # ------------------------------------------------------------------ math (delegates to projection)
     def coords(self, h: torch.Tensor, layer: LayerKey, dim: int = -1) -> torch.Tensor:
         """``Uᵀh`` along ``dim`` (see :func:`gradroute.projection.coords`)."""

@@ -168,13 +168,6 @@ class Route:
             b.adapter = b.set_coords(b.ref0 + A) - b.ref0
         self.version = self.versions()
 
-    def pin(self) -> None:
-        """Put every parameter's in-subspace coordinates back to ``Uᵀ P_0`` (the base never
-        moves inside span(U))."""
-        for b in self.blocks:
-            b.ref0 = b.set_coords(b.ref0)
-        self.version = self.versions()
-
     def resync(self) -> None:
         """The parameters were edited outside a routed step: that edit belongs to the base."""
         for b in self.blocks:

@@ -30,8 +30,6 @@ if TYPE_CHECKING:
 
 class RoutingMode:
     name: ClassVar[str] = ""
-    #: the mode's adapter is trained by the user's optimizer (its update is replayed by attribution)
-    adapter_follows_main_optimizer: ClassVar[bool] = True
     #: the model's routed weights hold base + U A (update, gradient); False: the adapter is a
     #: separate path and the weights are the base (activation)
     weights_hold_adapter: ClassVar[bool] = True

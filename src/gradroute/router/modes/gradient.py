@@ -25,7 +25,6 @@ from .base import RoutingMode
 
 class GradientMode(RoutingMode):
     name = "gradient"
-    adapter_follows_main_optimizer = False
 
     def setup(self) -> None:
         o = self.options
