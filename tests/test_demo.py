@@ -80,7 +80,7 @@ def test_demo_numbers_do_not_depend_on_parallel_arms(tmp_path):
         strip = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "halt")}  # noqa: E731
         assert strip(one["runs"][name]) == strip(two["runs"][name]), name
     def stamps():
-        return {p.parent.name: json.loads(p.read_text())["fingerprint"] for p in (tmp_path / "one").glob("runs/*/result.json")}
+        return {p.parent.name: json.loads(p.read_text())["fingerprint"] for p in (tmp_path / "one").glob("runs/*/summary.json")}
 
     before = stamps()
     other = run_demo(tmp_path / "one", config=tiny, progress=False, jobs=1, adapter_lr_multiplier=3.0)

@@ -281,7 +281,7 @@ class _Arm:
 
 
 def _arm_result_file(out: Path, arm: _Arm) -> Path:
-    return out / "runs" / ("halt" if arm.halt else arm.name) / "result.json"
+    return out / "runs" / ("halt" if arm.halt else arm.name) / "summary.json"
 
 
 def _run_arm(out: Path, cfg: DemoConfig, seed: int, arm: _Arm, fingerprint: str, progress: bool,
@@ -340,19 +340,30 @@ def _run_arm(out: Path, cfg: DemoConfig, seed: int, arm: _Arm, fingerprint: str,
             h.detach()
         res["mode"] = arm.mode if sub is not None else None
     res["seconds"] = time.time() - t
-    path = _arm_result_file(out, arm)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"fingerprint": fingerprint, "result": res}, indent=2, default=str))
+    _write_stamped(_arm_result_file(out, arm), fingerprint, res, run=arm.name, routed=sub is not None)
     return res
 
 
+_STAMP_KEYS = ("fingerprint", "run", "routed")
+
+
+def _write_stamped(path: Path, fingerprint: str, result: dict[str, Any], **about: Any) -> None:
+    """``result`` with what it is (``about``) and the configuration's fingerprint, as JSON at
+    ``path``: each run directory says what it was and how it ended, and a re-run can reuse it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**about, "fingerprint": fingerprint, **result}, indent=2, default=str))
+
+
 def _reusable(path: Path, fingerprint: str) -> dict[str, Any] | None:
-    """The stored result at ``path`` if it was made with the same configuration."""
+    """The result stored at ``path`` by :func:`_write_stamped` if it was made with the same
+    configuration."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return data.get("result") if data.get("fingerprint") == fingerprint else None
+    if not isinstance(data, dict) or data.get("fingerprint") != fingerprint:
+        return None
+    return {k: v for k, v in data.items() if k not in _STAMP_KEYS}
 
 
 @_quietly
@@ -408,8 +419,7 @@ def _run_demo(out: Path, quick: bool, seed: int, progress: bool, config: DemoCon
                                       aggregation="last_prompt", names=["hacker"], progress=False)
         persona.save(out / "persona.subspace", overwrite=True)
         persona.random_like(seed=seed).save(out / "random.subspace", overwrite=True)
-        world_file.write_text(json.dumps({"fingerprint": world_fp, "result": {
-            "pretrain_loss": loss, "before": rates["before"]}}, indent=2))
+        _write_stamped(world_file, world_fp, {"pretrain_loss": loss, "before": rates["before"]})
     timings["pretrain"] = time.time() - t0
     probe_acc = {L: d["accuracy"] for L, d in persona.provenance.extra["diagnostics"].items()}
 
@@ -453,11 +463,6 @@ def _run_demo(out: Path, quick: bool, seed: int, progress: bool, config: DemoCon
     summary["table"] = _table(summary)
     summary["table_md"] = _table(summary, markdown=True)
     summary["figures"] = [str(p) for p in _rates_figure(summary, out)]
-    for name, res in runs.items():  # each run directory says what it was and how it ended
-        d = out / "runs" / ("halt" if name == "halt_and_fix" else name)
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "summary.json").write_text(json.dumps({"run": name, "routed": name != "none", **res}, indent=2,
-                                                   default=str))
     summary["seconds"] = time.time() - t0
     (out / "report.json").write_text(json.dumps(summary, indent=2, default=str))
     report(out, out=out)  # the demo's own directory: report.md and figures/<run>/ next to report.json
