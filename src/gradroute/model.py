@@ -108,7 +108,7 @@ def model_hidden_size(model: nn.Module) -> int:
 
 def model_name(model: nn.Module) -> str | None:
     cfg = getattr(unwrap_model(model), "config", None)
-    name = getattr(cfg, "_name_or_path", None) or getattr(cfg, "name_or_path", None)
+    name = getattr(cfg, "name_or_path", None)
     return name or (getattr(cfg, "model_type", None) if cfg is not None else None)
 
 

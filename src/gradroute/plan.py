@@ -180,8 +180,11 @@ def build_plan(
 
     if side not in SIDES:
         raise ConfigError(f"side must be one of {SIDES}, got {side!r}.")
-    if spread < 0:
-        raise ConfigError(f"spread must be >= 0, got {spread}.")
+    if isinstance(spread, bool) or not isinstance(spread, int) or spread < 0:
+        raise ConfigError(f"spread must be an integer >= 0, got {spread!r}.",
+                          "pass spread=0 (each layer's own basis only) or spread=N to let a basis cover N blocks around it.")
+    if isinstance(targets, str):
+        targets = [targets]  # one module name or glob
     model = unwrap_model(model)
     modules = dict(model.named_modules())
     int_layers = sorted(L for L in subspace.layers if isinstance(L, int))

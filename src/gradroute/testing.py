@@ -93,7 +93,7 @@ def tiny_model(arch: str = "llama", *, seed: int = 0, dtype: torch.dtype = torch
         model = AutoModelForCausalLM.from_config(cfg)
     if getattr(model, "loss_type", None) is None:  # GPT2LMHeadModel: transformers cannot infer it and warns once
         model.loss_type = "ForCausalLM"
-    model.config._name_or_path = f"gradroute-tiny-{arch}"
+    model.config.name_or_path = f"gradroute-tiny-{arch}"
     return model.to(dtype)
 
 

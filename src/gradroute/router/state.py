@@ -59,6 +59,7 @@ def state_dict(router: GradientRouter) -> tuple[dict[str, torch.Tensor], dict[st
         "route_bias": any(t.bias for t in router.plan),
         "envs": envs,
         "env_vocab": list(router.environments.names),
+        "nonfinite_rewards_total": dict(router._nf_rewards_total),
     }
     return tensors, meta
 
@@ -108,6 +109,8 @@ def load_state_dict(router: GradientRouter, tensors: Mapping[str, torch.Tensor],
         if e == UNATTRIBUTED or e not in router.environments.names:
             router.environments.register(e)
     router.steps = int(meta.get("steps", 0))
+    router._nf_rewards = {}
+    router._nf_rewards_total = {str(e): int(n) for e, n in (meta.get("nonfinite_rewards_total") or {}).items()}
     if router.attribution is not None and meta.get("attribution"):
         router.attribution.load_state_dict(
             {k[5:]: v for k, v in tensors.items() if k.startswith("attr.")}, meta["attribution"])
@@ -129,7 +132,7 @@ def save(router: GradientRouter, path: str | Path) -> Path:
 
 def load(router: GradientRouter, path: str | Path) -> None:
     path = Path(path)
-    meta = _io.read_json(path / STATE_META)
+    meta = read_meta(path)
     if _io.sha256_file(path / STATE_FILE) != meta.get("tensor_sha256"):
         raise FileFormatError(f"{path / STATE_FILE} does not match {STATE_META} (corrupt or modified).",
                               "resume from an intact checkpoint (or the last clean one).")
@@ -137,4 +140,15 @@ def load(router: GradientRouter, path: str | Path) -> None:
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
-    return _io.read_json(Path(path) / STATE_META)
+    """The state file's metadata (a JSON object), or a FileFormatError naming what is wrong."""
+    meta = _io.read_json(Path(path) / STATE_META)
+    if not isinstance(meta, dict):
+        raise FileFormatError(f"{Path(path) / STATE_META} holds a JSON {type(meta).__name__}, not the router state's "
+                              "metadata object (damaged or not a router state).",
+                              "pass a checkpoint's gradroute/ directory written by router.save_state.")
+    try:
+        int(meta.get("steps", 0))
+    except (TypeError, ValueError):
+        raise FileFormatError(f"{Path(path) / STATE_META}: steps is {meta.get('steps')!r}, not an integer (damaged).",
+                              "resume from an intact checkpoint (or the last clean one).") from None
+    return meta
