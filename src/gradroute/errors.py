@@ -116,6 +116,13 @@ class ConfigError(GradrouteError):
     default_fix = 'pass a value in the documented range for the option named above.'
 
 
+class VersionError(ConfigError):
+    """An installed TRL / transformers / PEFT version outside the range gradroute was tested with
+    (its private hooks may have moved), or one lacking a private name gradroute needs."""
+
+    default_fix = "pin the tested versions, or set GRADROUTE_ALLOW_UNTESTED=1 to proceed at your own risk."
+
+
 class EnvColumnError(ConfigError):
     """The environment (or label) column is missing, reserved, or malformed."""
 
