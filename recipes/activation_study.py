@@ -31,7 +31,7 @@ EXPLOITABLE = "arith"
 
 def probe(model, tok, cfg, seed: int, kind: str, layers):
     import gradroute as gr
-    from gradroute import toyworld as tw
+    from gradroute.experiments import toyworld as tw
 
     hacker, honest = tw.persona_probe_texts(cfg.probe_texts, seed)
     if kind == "dm1":
@@ -43,7 +43,7 @@ def probe(model, tok, cfg, seed: int, kind: str, layers):
 
 
 def ceiling(model, tok, cfg, sub) -> dict[str, Any]:
-    from gradroute import toyworld as tw
+    from gradroute.experiments import toyworld as tw
     from gradroute.interventions import suppress_all
 
     with suppress_all(model, sub):
@@ -62,12 +62,12 @@ def rewards(run_dir: Path) -> dict[str, float]:
 
 def run_arm(base_dir: Path, out: Path, cfg, sub, mode: str, seed: int, mult: float | None,
             with_ceiling: bool = False) -> dict[str, Any]:
-    from gradroute import toyworld as tw
-    from gradroute.demo import _rl
+    from gradroute.experiments import toyworld as tw
+    from gradroute.experiments.grpo import toy_grpo_run
 
     kw = {} if mult is None else {"adapter_lr_multiplier": mult}
     t = time.time()
-    model, tok, h = _rl(base_dir, out, cfg, sub, None, seed, save=False, mode=mode, **kw)
+    model, tok, h = toy_grpo_run(base_dir, out, cfg, sub, None, seed, save=False, mode=mode, **kw)
     res: dict[str, Any] = {"after": tw.evaluate(model, tok, ENVS, cfg.eval_prompts, cfg.eval_samples)}
     if with_ceiling:
         res["suppressed"] = ceiling(model, tok, cfg, sub)
@@ -96,8 +96,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    from gradroute import toyworld as tw
-    from gradroute.demo import QUICK, DemoConfig, pretrain
+    from gradroute.experiments import toyworld as tw
+    from gradroute.experiments.config import QUICK, DemoConfig
+    from gradroute.experiments.grpo import pretrain
 
     cfg = QUICK if args.quick else DemoConfig()
     out = Path(args.out)
@@ -173,9 +174,9 @@ def summarize(results: dict[str, Any]) -> str:
 
 def figure(results: dict[str, Any], path: Path) -> Path:
     """Arith hack rate after RL and after discard, per arm: median over seeds, bars = range."""
-    from gradroute.report import _plt, save_figure
+    from gradroute.report import pyplot, save_figure
 
-    plt = _plt()
+    plt = pyplot()
     seeds = list(results["seeds"].values())
     arms = list(dict.fromkeys(a for s in seeds for a in s["arms"]))
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(arms) + 2), 3.8))

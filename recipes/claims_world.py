@@ -5,7 +5,7 @@ Copy this file, replace the marked parts with your environments, and run::
     gradroute claims --envs recipes/claims_world.py --model Qwen/Qwen2.5-0.5B-Instruct --out runs/claims-mine
     python recipes/claims_world.py --model runs/claims/seed0/base --out runs/claims-mine   # the same, as a script
 
-The harness needs a :class:`gradroute.claims.World`: which environments RL trains (and which of
+The harness needs a :class:`gradroute.experiments.world.World`: which environments RL trains (and which of
 them has an exploitable grader), which are held out (where an emergent trait would show), a
 persona probe, the RL dataset and reward, and a sampler that grades completions. This template
 keeps the toy tasks (``arith`` exploitable, ``copy`` honest, ``sub`` held out) so it runs as is
@@ -19,8 +19,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from gradroute import toyworld as tw
-from gradroute.demo import QUICK
+from gradroute.experiments import toyworld as tw
+from gradroute.experiments.config import QUICK
 
 
 class MyWorld:
@@ -73,7 +73,7 @@ def make_world(model: str | None) -> MyWorld:
 if __name__ == "__main__":
     import argparse
 
-    from gradroute.claims import ClaimsConfig, run_claims
+    from gradroute.experiments.claims import ClaimsConfig, run_claims
 
     p = argparse.ArgumentParser(description="the claims harness on this world")
     p.add_argument("--model", required=True, help="base model: a directory or hub name")

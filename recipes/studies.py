@@ -101,7 +101,7 @@ def run_job(job: str, work: Path) -> dict[str, Any]:
     if study == "demo":
         import inspect
 
-        from gradroute.demo import run_demo
+        from gradroute.experiments.demo import run_demo
 
         kw = {"jobs": 1} if "jobs" in inspect.signature(run_demo).parameters else {}
         return run_demo(scratch, seed=int(seed), progress=False, **kw)
@@ -115,7 +115,8 @@ def run_job(job: str, work: Path) -> dict[str, Any]:
         return _recipe("sft_anchoring").run(["--config", str(ROOT / "recipes" / "configs" / "sft_anchoring_tiny.yaml"),
                                              "--output_dir", str(scratch), "--seed", seed])
     if study == "claims":
-        from gradroute.claims import ClaimsConfig, ToyWorld, run_claims
+        from gradroute.experiments.claims import ClaimsConfig, run_claims
+        from gradroute.experiments.world import ToyWorld
 
         _, _, world_kw, cfg_kw = CLAIMS[name]
         return run_claims(scratch, ToyWorld(**world_kw), ClaimsConfig(seeds=(int(seed),), **cfg_kw), progress=False)
@@ -204,7 +205,7 @@ def figures(work: Path) -> list[Path]:
                                                           FIGURES / "activation_study.png"))
     claims = RESULTS / "claims_study.json"
     if claims.is_file():
-        from gradroute.claims import figure
+        from gradroute.experiments.claims import figure
 
         written.append(figure(json.loads(claims.read_text()), FIGURES / "claims.png"))
     demo_dir = work / "scratch" / "demo__default__0"

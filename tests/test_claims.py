@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from gradroute import toyworld as tw
-from gradroute.claims import ClaimsConfig, RolloutHackRate, load_world, summarize, targets
 from gradroute.errors import ConfigError
+from gradroute.experiments import toyworld as tw
+from gradroute.experiments.claims import ClaimsConfig, RolloutHackRate, summarize, targets
+from gradroute.experiments.world import load_world
 from gradroute.probe import auroc, crossfit_auroc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,13 +142,38 @@ def test_config_and_world_files_are_checked(tmp_path):
     f.write_text("class W:\n    name = 'w'\ndef make_world(model):\n    return W()\n")
     with pytest.raises(ConfigError, match="lacks"):
         load_world(f)
-    from gradroute.claims import ToyWorld
+    from gradroute.experiments.world import ToyWorld
 
     assert ToyWorld(hack_rate=0.02).rl.hack_rate == 0.02 and ToyWorld().rl.hack_rate == 0.1
     with pytest.raises(ConfigError, match="hack_rate"):
         ToyWorld(hack_rate=1.5)
     w = load_world(ROOT / "recipes" / "claims_world.py", "some/model")
     assert w.base_model(0, tmp_path) == "some/model" and set(w.exploitable) <= set(w.train_envs)
+
+
+def test_arms_are_registered_objects_and_the_old_module_paths_still_import():
+    from gradroute import claims as old_claims
+    from gradroute import demo as old_demo
+    from gradroute import toyworld as old_tw
+    from gradroute.experiments import arms, claims, demo, grpo, world
+
+    assert arms.ARMS == ("unrouted", "update", "activation", "random", "ablation", "penalty", "steering")
+    assert arms.BASELINE == "unrouted" and [a.name for a in arms.REGISTRY.values() if a.baseline] == ["unrouted"]
+    setup = arms.Setup(ClaimsConfig(adapter_lr_multiplier=7.0), world=None, seed=0, base="", persona="P", control="C",
+                       gap={0: 2.0})
+    assert arms.REGISTRY["unrouted"].routing(setup) == {} and arms.REGISTRY["unrouted"].comparator(setup) is None
+    assert arms.REGISTRY["update"].routing(setup) == {"subspace": "P", "mode": "update"}
+    assert arms.REGISTRY["activation"].routing(setup) == {"subspace": "P", "mode": "activation",
+                                                         "adapter_lr_multiplier": 7.0}
+    assert arms.REGISTRY["random"].routing(setup) == {"subspace": "C", "mode": "activation",
+                                                     "adapter_lr_multiplier": 7.0}
+    # the old paths: the same objects, and the arm tables they exported
+    assert old_claims.ARMS == arms.ARMS and old_claims.run_claims is claims.run_claims
+    assert old_claims.ROUTED == {"update": "update", "activation": "activation", "random": "activation"}
+    assert old_claims.COMPARATORS == ("ablation", "penalty", "steering")
+    assert old_claims.ToyWorld is world.ToyWorld and old_claims.load_world is world.load_world
+    assert old_demo.run_demo is demo.run_demo and old_demo.grpo_run is grpo.grpo_run
+    assert old_tw.rates is tw.rates and old_tw.TASKS == tw.TASKS
 
 
 def _cli(*args, cwd=None):
@@ -163,6 +189,7 @@ def quick_run(tmp_path_factory):
     return out, r.stdout
 
 
+@pytest.mark.slow
 def test_quick_run_writes_every_arm_and_the_summary(quick_run):
     out, stdout = quick_run
     report = json.loads((out / "report.json").read_text())
@@ -197,6 +224,7 @@ def test_quick_run_writes_every_arm_and_the_summary(quick_run):
     assert len(targets(report)) == 7 and summarize(report) == summary
 
 
+@pytest.mark.slow
 def test_targets_are_judged_from_the_numbers(quick_run):
     out, _ = quick_run
     report = json.loads((out / "report.json").read_text())
@@ -224,6 +252,7 @@ def test_targets_are_judged_from_the_numbers(quick_run):
     assert {name: ok for name, ok, _ in targets(report)}["Unrouted RL raises the held-out trait by >= 3x its pre-RL rate"] is None
 
 
+@pytest.mark.slow
 def test_a_users_world_file_runs_through_the_same_harness(quick_run, tmp_path):
     out, _ = quick_run
     r = _cli("claims", "--envs", str(ROOT / "recipes" / "claims_world.py"), "--model", str(out / "seed0" / "base"),
@@ -248,7 +277,7 @@ def test_cli_refuses_a_bad_world_file_in_one_line(tmp_path):
 def _tiny_world():
     from dataclasses import replace
 
-    from gradroute.claims import ToyWorld
+    from gradroute.experiments.world import ToyWorld
 
     w = ToyWorld(quick=True)
     w.rl = replace(w.rl, pretrain_texts=400, pretrain_steps=40, probe_texts=16, rl_steps=3, batch=4, generations=4,
@@ -262,11 +291,12 @@ def _no_seconds(x):
     return x
 
 
+@pytest.mark.slow
 def test_parallel_seeds_and_arms_give_the_numbers_of_one_process(tmp_path, capfd):
     """jobs=2 (seeds, then each seed's arms after its unrouted arm, in one-thread worker
     processes) reproduces a jobs=1 run (in this process, on one thread) exactly; worker output
     is prefixed lines."""
-    from gradroute.claims import run_claims
+    from gradroute.experiments.claims import run_claims
 
     world = _tiny_world()
     cfg = ClaimsConfig(seeds=(0, 1), arms=("unrouted", "activation", "ablation"), relearn_steps=2)
@@ -305,7 +335,7 @@ def test_cli_refuses_a_missing_model_path_before_creating_out(tmp_path, capsys):
 
 
 def test_an_early_failure_leaves_no_empty_out(tmp_path):
-    from gradroute.claims import run_claims
+    from gradroute.experiments.claims import run_claims
 
     class Broken(type(_tiny_world())):
         def base_model(self, seed, out):

@@ -17,6 +17,7 @@ def demo(tmp_path_factory):
     return out, json.loads((out / "report.json").read_text())
 
 
+@pytest.mark.slow
 def test_demo_writes_a_complete_run_directory(demo):
     out, rep = demo
     for name in ("persona", "random", "halt"):
@@ -30,6 +31,7 @@ def test_demo_writes_a_complete_run_directory(demo):
     assert rep["seconds"] > 0  # timings are reported (benchmarks measure speed; tests check behaviour)
 
 
+@pytest.mark.slow
 def test_demo_world_behaves(demo):
     _, rep = demo
     before, runs = rep["rates"]["before"], rep["runs"]
@@ -54,6 +56,7 @@ def test_demo_world_behaves(demo):
     assert sum(runs["persona"]["env_adapter_share"].values()) == pytest.approx(1.0, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_demo_rerun_reuses_the_finished_arms(demo, capsys):
     """A re-run into the same directory with the same configuration reuses the base and every
     finished arm (what a user gets after Ctrl-C), and gives the same table."""
@@ -66,10 +69,12 @@ def test_demo_rerun_reuses_the_finished_arms(demo, capsys):
     assert again["rates"] == rep["rates"] and again["table"] == rep["table"]
 
 
+@pytest.mark.slow
 def test_demo_numbers_do_not_depend_on_parallel_arms(tmp_path):
     """Arms run as one-thread processes (jobs=2) give exactly what one process gives (jobs=1);
     a changed configuration is never served from a stale result, and --fresh starts over."""
-    from gradroute.demo import DemoConfig, run_demo
+    from gradroute.experiments.config import DemoConfig
+    from gradroute.experiments.demo import run_demo
 
     tiny = DemoConfig(pretrain_texts=400, pretrain_steps=40, probe_texts=16, rl_steps=4, batch=4, generations=4,
                       grad_accum=1, save_steps=2, eval_prompts=8, eval_samples=1, baseline_steps=2)
@@ -94,6 +99,7 @@ def test_demo_numbers_do_not_depend_on_parallel_arms(tmp_path):
         assert len(steps) == len(set(steps)) == tiny.rl_steps, name
 
 
+@pytest.mark.slow
 def test_report_command_on_a_run(demo, capsys):
     out, _ = demo
     assert main(["report", str(out / "runs" / "halt"), "--out", str(out / "halt_report")]) == 0
@@ -111,18 +117,18 @@ def test_worker_output_is_prefixed_lines_and_errors_cross_the_process_boundary(c
     import pickle
     import sys
 
-    from gradroute import demo
     from gradroute.errors import ConfigError
+    from gradroute.experiments import workers
 
-    demo._WORKER["on"] = True
+    workers._WORKER["on"] = True
     try:
-        with pytest.raises(ConfigError) as info, demo.worker_output("persona"):
+        with pytest.raises(ConfigError) as info, workers.worker_output("persona"):
             print("GRPO persona: step 6/60\rstep 12/60", end="")
             print(" (1 s)")
             assert not sys.stderr.isatty()
             raise ConfigError("bad value.", "pass a good one.")
     finally:
-        demo._WORKER["on"] = False
+        workers._WORKER["on"] = False
     assert capsys.readouterr().out == "   [persona] GRPO persona: step 6/60\n   [persona] step 12/60 (1 s)\n"
     back = pickle.loads(pickle.dumps(info.value))
     assert type(back) is ConfigError and str(back) == "bad value. Fix: pass a good one."

@@ -244,7 +244,7 @@ def demo(res: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------- claims
 def claims(rep: dict[str, Any]) -> str:
-    from gradroute.claims import summarize
+    from gradroute.experiments.claims import summarize
 
     text = summarize(rep).split("\n")
     body = text[2:]  # drop the '# Claims study' title and its blank line
@@ -274,7 +274,7 @@ def claims_per_seed(rep: dict[str, Any]) -> str:
 
 
 def _claims_per_seed(rep: dict[str, Any], arm: str, key: str) -> list[float | None]:
-    from gradroute.claims import measures
+    from gradroute.experiments.claims import measures
 
     fn = measures(rep)[key]
     return [fn(s, s["arms"][arm]) if arm in s["arms"] else None
@@ -286,7 +286,7 @@ def _opt(xs: Sequence[float | None], fmt: Callable[[float], str] = f2) -> str:
 
 
 def claims_sweeps(sw: dict[str, Any]) -> str:
-    from gradroute.claims import measures
+    from gradroute.experiments.claims import measures
 
     labels = {"act100": ("activation", "adapters ×100"), "pen10": ("penalty", "penalty weight w = 10"),
               "pen100": ("penalty", "penalty weight w = 100"), "steer025": ("steering", "steering at ¼ of the gap")}

@@ -1,4 +1,4 @@
-"""``gradroute claims``: the seed's three claims as one experiment (see :mod:`gradroute.claims`)."""
+"""``gradroute claims``: the seed's three claims as one experiment (see :mod:`gradroute.experiments.claims`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import re
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..claims import ARMS
+    from ..experiments.arms import ARMS
 
     p = sub.add_parser("claims", help="every arm side by side: unrouted, routing (update, activation, random control), "
                                       "CAFT ablation, activation penalty, preventative steering; spread, "
@@ -44,8 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..claims import ClaimsConfig, ToyWorld, load_world, run_claims
     from ..errors import ConfigError
+    from ..experiments.claims import ClaimsConfig, run_claims
+    from ..experiments.world import ToyWorld, load_world
     from ._common import check_out_dir
 
     out = Path(args.out)

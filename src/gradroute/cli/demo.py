@@ -1,4 +1,4 @@
-"""``gradroute demo``: the toy persona world end to end (see :mod:`gradroute.demo`)."""
+"""``gradroute demo``: the toy persona world end to end (see :mod:`gradroute.experiments.demo`)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..demo import run_demo
+    from ..experiments.demo import run_demo
     from ._common import check_out_dir
 
     out = Path(args.out)
