@@ -29,7 +29,7 @@ from gradroute.errors import (
     ProbeDataError,
     SubspaceError,
 )
-from gradroute.monitor import load_log, read_records
+from gradroute.monitor import load_log, read_records, step_from_json
 from gradroute.policy import HaltPolicy, NonFiniteRewardRule
 from gradroute.testing import tiny_lm
 
@@ -303,7 +303,7 @@ def test_nonfinite_rewards_are_counted_logged_and_can_halt(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     stops = []
     for step in range(3):
-        mon.count_nonfinite_rewards({"a": 1 + step, "b": 0})
+        router.record_rewards(["a"] * (1 + step) + ["b"], [float("nan")] * (1 + step) + [1.0])
         router.snapshot()
         out = model(input_ids=torch.randint(3, 100, (2, 6)), labels=torch.randint(3, 100, (2, 6)))
         out.loss.backward()
@@ -314,7 +314,7 @@ def test_nonfinite_rewards_are_counted_logged_and_can_halt(tmp_path):
     assert recs[0]["nonfinite_rewards"] == {"a": 1} and recs[1]["nonfinite_rewards_total"] == {"a": 3}
     assert stops == [False, True, False]  # 3 > 2 at step 2; the rule stays active after
     assert mon.halt["rule"] == "max_nonfinite_rewards" and mon.halt["env"] == "a"
-    assert NonFiniteRewardRule(0).check({"step": 1, "nonfinite_rewards_total": {"x": 1}}, []) is not None
+    assert NonFiniteRewardRule(0).check(step_from_json({"step": 1, "nonfinite_rewards_total": {"x": 1}}), []) is not None
 
 
 def _none_reward(completions, env, **kw):

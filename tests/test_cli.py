@@ -84,7 +84,7 @@ def test_adapter_discard_merge_export(tmp_path, capsys):
     args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=4,
                              learning_rate=1e-2, save_steps=4, report_to=[], use_cpu=True, disable_tqdm=True)
     Trainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids}),
-            callbacks=[router.callback()]).train()
+            callbacks=[gr.RouterCallback(router)]).train()
     tok.save_pretrained(tmp_path / "run" / "checkpoint-4")
     x = torch.tensor([ids[0]])
     model.eval()

@@ -9,7 +9,7 @@ import torch
 
 import gradroute as gr
 from gradroute.errors import ConfigError, DriftHalt, FileFormatError, GradrouteWarning
-from gradroute.monitor import RunLog, read_records
+from gradroute.monitor import RunLog, read_records, step_from_json
 from gradroute.policy import (
     ActivationDriftRule,
     AdapterNormRule,
@@ -24,6 +24,11 @@ from gradroute.testing import tiny_lm
 def _rec(step, norm=0.0, shares=None, act=None, nonfinite=False, update=0.1):
     return {"type": "step", "step": step, "adapter_norm": norm, "update_norm": update, "nonfinite": nonfinite,
             "env_adapter_share": shares or {}, "activation": act or {}}
+
+
+def _step(*args, **kwargs):
+    """The typed step record the rules read (as the monitor hands it, or read back from a log)."""
+    return step_from_json(_rec(*args, **kwargs))
 
 
 def test_log_is_append_only_flushed_and_survives_a_torn_line(tmp_path):
@@ -65,29 +70,29 @@ def test_resume_supersedes_later_records(tmp_path):
 
 
 def test_rules():
-    hist = [_rec(s, 0.1 * s, act={"a": {"1": [1.0 + 0.01 * (s % 2), -0.5]}}) for s in range(1, 21)]
-    assert AdapterNormRule(1.0).check(_rec(21, 1.5), hist).value == 1.5
-    assert AdapterNormRule(1.0).check(_rec(21, 0.5), hist) is None
-    v = GrowthRule(0.5, window=3).check(_rec(21, 2.8), hist)  # 2.8 − norm at step 18 (1.8)
+    hist = [_step(s, 0.1 * s, act={"a": {"1": [1.0 + 0.01 * (s % 2), -0.5]}}) for s in range(1, 21)]
+    assert AdapterNormRule(1.0).check(_step(21, 1.5), hist).value == 1.5
+    assert AdapterNormRule(1.0).check(_step(21, 0.5), hist) is None
+    v = GrowthRule(0.5, window=3).check(_step(21, 2.8), hist)  # 2.8 − norm at step 18 (1.8)
     assert v is not None and v.value == pytest.approx(1.0)
-    assert GrowthRule(0.5, window=3).check(_rec(21, 2.1), hist) is None
-    v = EnvShareRule(0.8).check(_rec(21, 1.0, {"hack": 0.9, "math": 0.1}), hist)
+    assert GrowthRule(0.5, window=3).check(_step(21, 2.1), hist) is None
+    v = EnvShareRule(0.8).check(_step(21, 1.0, {"hack": 0.9, "math": 0.1}), hist)
     assert v.value == 0.9 and "hack" in v.detail and v.top_envs[0] == ("hack", 0.9)
-    assert EnvShareRule(0.8, min_norm=2.0).check(_rec(21, 1.0, {"hack": 0.9}), hist) is None
-    z = ActivationDriftRule(4.0, baseline_steps=20).check(_rec(21, act={"a": {"1": [1.5, -0.5]}}), hist)
+    assert EnvShareRule(0.8, min_norm=2.0).check(_step(21, 1.0, {"hack": 0.9}), hist) is None
+    z = ActivationDriftRule(4.0, baseline_steps=20).check(_step(21, act={"a": {"1": [1.5, -0.5]}}), hist)
     assert z is not None and z.value == pytest.approx(0.495 / 0.005, rel=1e-6) and "layer 1" in z.detail
     assert z.top_envs[0][0] == "a"
     assert (z.env, z.layer) == ("a", 1) and z.to_dict()["layer"] == 1  # typed: the report reads fields, not prose
     # a sign flip at the same norm is drift too
-    assert ActivationDriftRule(4.0, baseline_steps=20).check(_rec(21, act={"a": {"1": [1.005, 0.5]}}), hist)
-    assert ActivationDriftRule(4.0, baseline_steps=20).check(_rec(21, act={"a": {"1": [1.01, -0.5]}}), hist) is None
+    assert ActivationDriftRule(4.0, baseline_steps=20).check(_step(21, act={"a": {"1": [1.005, 0.5]}}), hist)
+    assert ActivationDriftRule(4.0, baseline_steps=20).check(_step(21, act={"a": {"1": [1.01, -0.5]}}), hist) is None
     # a window averages the recent values (σ of the mean shrinks with √window)
-    drifted = hist + [_rec(s, act={"a": {"1": [1.0 + 0.01 * (s % 2) + 0.01, -0.5]}}) for s in range(21, 24)]
-    one = ActivationDriftRule(4.0, baseline_steps=20).check(_rec(24, act={"a": {"1": [1.012, -0.5]}}), drifted)
-    four = ActivationDriftRule(4.0, baseline_steps=20, window=4).check(_rec(24, act={"a": {"1": [1.012, -0.5]}}), drifted)
+    drifted = hist + [_step(s, act={"a": {"1": [1.0 + 0.01 * (s % 2) + 0.01, -0.5]}}) for s in range(21, 24)]
+    one = ActivationDriftRule(4.0, baseline_steps=20).check(_step(24, act={"a": {"1": [1.012, -0.5]}}), drifted)
+    four = ActivationDriftRule(4.0, baseline_steps=20, window=4).check(_step(24, act={"a": {"1": [1.012, -0.5]}}), drifted)
     assert one is None and four is not None
-    assert NonFiniteRule().check(_rec(21, nonfinite=True), hist) is not None
-    assert NonFiniteRule().check(_rec(21, update=float("nan")), hist) is not None
+    assert NonFiniteRule().check(_step(21, nonfinite=True), hist) is not None
+    assert NonFiniteRule().check(_step(21, update=float("nan")), hist) is not None
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -105,7 +110,7 @@ def test_thresholds_out_of_range(kwargs, match):
 
 
 def test_actions_warn_stop_callable():
-    rec = _rec(5, 3.0)
+    rec = _step(5, 3.0)
     with pytest.warns(GradrouteWarning, match="max_adapter_norm"):
         out = HaltPolicy(max_adapter_norm=1.0, action="warn").evaluate(rec, [])
     assert [(v.rule, stop) for v, stop in out] == [("max_adapter_norm", False)]

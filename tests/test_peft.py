@@ -48,7 +48,7 @@ X = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(42))
 def test_plain_peft_reproduces_routed_model_and_discard(tmp_path, arch, side, embeddings):
     model, _, router = _trained(arch, side=side, embeddings=embeddings)
     routed = _logits(model, X)
-    path = router.save_adapter(tmp_path / "adapter", base="model")
+    path = gr.save_adapter(router, tmp_path / "adapter", base="model")
     cfg = json.loads((path / "adapter_config.json").read_text())
     k_max = max(t.rank for t in router.plan)
     assert cfg["peft_type"] == "LORA" and cfg["r"] == k_max and cfg["lora_alpha"] == k_max
@@ -81,7 +81,7 @@ def test_routed_base_modules_file(tmp_path):
     model, _, router = _trained("gpt2")  # Conv1D writers with routed biases (lora_bias)
     assert all(t.bias for t in router.plan)
     routed = _logits(model, X)
-    path = router.save_adapter(tmp_path / "a")  # base="modules"
+    path = gr.save_adapter(router, tmp_path / "a")  # base="modules"
     assert json.loads((path / "adapter_config.json").read_text())["lora_bias"] is True
     fresh = tiny_lm("gpt2")[0]
     fresh.load_state_dict(model.state_dict())  # "the trained checkpoint"
@@ -95,7 +95,7 @@ def test_routed_base_modules_file(tmp_path):
 
 def test_subtract_adapter_with_plain_peft_math(tmp_path):
     model, _, router = _trained("gpt_neox")
-    path = router.save_adapter(tmp_path / "a", base="none")
+    path = gr.save_adapter(router, tmp_path / "a", base="none")
     trained = tiny_lm("gpt_neox")[0]
     trained.load_state_dict(model.state_dict())
     discarded = subtract_adapter(trained, path).eval()
@@ -107,9 +107,9 @@ def test_per_environment_adapters_load_together_and_drop_alone(tmp_path):
     model, _, router = _trained("llama", envs=True)
     assert set(router.envs) == {"math", "hack"}
     routed = _logits(model, X)
-    router.save_adapter(tmp_path / "all", base="modules")
+    gr.save_adapter(router, tmp_path / "all", base="modules")
     for env in router.envs:
-        router.save_adapter(tmp_path / env, env=env, base="none")
+        gr.save_adapter(router, tmp_path / env, env=env, base="none")
     base = tiny_lm("llama")[0]
     base.load_state_dict(model.state_dict())
     load_routed_base(base, tmp_path / "all")
@@ -170,7 +170,7 @@ def test_save_discarded_lora_policy_is_plain_peft_on_the_unchanged_base(tmp_path
     assert router.adapter_norm().total > 0
     save_discarded(router, tmp_path / "discarded")
     save_discarded(router, tmp_path / "discarded_b", env="b")
-    router.save_adapter(tmp_path / "persona", base="none")
+    gr.save_adapter(router, tmp_path / "persona", base="none")
     router.discard("b")
     minus_b = pm(input_ids=x).logits.detach()
     router.discard()

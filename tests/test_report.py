@@ -127,7 +127,7 @@ def test_a_copied_run_reports_its_own_checkpoints(tmp_path, monkeypatch):
 
 
 def test_a_crossing_on_the_halt_step_is_drawn_beside_it_and_named():
-    plt = rp._plt()
+    plt = rp.pyplot()
     events = [{"type": "checkpoint", "step": 4}, {"type": "crossing", "step": 8, "rule": "max_env_share"},
               {"type": "halt", "step": 8, "rule": "max_env_share"}, {"type": "checkpoint", "step": 8}]
     fig, ax = plt.subplots()

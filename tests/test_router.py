@@ -411,3 +411,30 @@ def test_a_plan_with_nothing_trainable_is_refused():
     pm = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.0))  # readers only
     with pytest.raises(RoutingError, match="nothing trainable is routed"):
         gr.GradientRouter(pm, _subspace())
+
+
+def test_the_routers_integration_methods_are_deprecated_delegators(tmp_path):
+    """router.save_adapter / save_discarded / callback still work, warn, and do what the
+    integration functions they delegate to do (the core itself imports no integration)."""
+    import warnings
+
+    from safetensors.torch import load_file
+
+    model, _ = tiny_lm("llama")
+    sub = gr.Subspace.from_directions({1: torch.randn(2, 64, generator=torch.Generator().manual_seed(0))})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    router = gr.GradientRouter(model, sub, optimizer=opt)
+    x = torch.randint(3, 100, (2, 6))
+    model(input_ids=x, labels=x).loss.backward()
+    opt.step()
+    router.step()
+    with pytest.warns(DeprecationWarning, match=r"gradroute.save_adapter\(router, path"):
+        old = router.save_adapter(tmp_path / "old", base="none")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        new = gr.save_adapter(router, tmp_path / "new", base="none")
+    a, b = load_file(str(old / "adapter_model.safetensors")), load_file(str(new / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.warns(DeprecationWarning, match=r"gradroute.RouterCallback\(router\)"):
+        cb = router.callback()
+    assert isinstance(cb, gr.RouterCallback) and cb.router is router

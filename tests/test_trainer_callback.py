@@ -37,7 +37,7 @@ def _subspace():
 def _run(out, routed=True, mode="update", resume=None, extra_callbacks=()):
     model, _ = tiny_lm("llama")
     router = gr.GradientRouter(model, _subspace(), mode=mode) if routed else None
-    cbs = ([router.callback()] if routed else []) + list(extra_callbacks)
+    cbs = ([gr.RouterCallback(router)] if routed else []) + list(extra_callbacks)
     trainer = Trainer(model=model, args=_args(out), train_dataset=_data(), callbacks=cbs)
     trainer.train(resume_from_checkpoint=resume)
     return model, router
@@ -81,7 +81,7 @@ class _SkipOneStep(TrainerCallback):
 def test_skipped_optimizer_steps_are_not_counted(tmp_path):
     model, router = _run(tmp_path / "skip", extra_callbacks=[_SkipOneStep()])
     assert router.steps == MAX_STEPS - 1
-    cb = router.callback()
+    cb = gr.RouterCallback(router)
     assert cb.router is router
 
 

@@ -119,11 +119,12 @@ def test_tensorboard_gets_the_jsonl_values_of_the_logged_step(tb_run):
 
 def test_metrics_window_rules():
     """DriftMonitor.metrics on a hand-made window: last values, summed counts, mean rewards."""
-    from gradroute.monitor import DriftMonitor
+    from gradroute.monitor import DriftMonitor, step_from_json
 
     recs = [{"type": "step", "step": s, "time": 0.0, "adapter_norm": float(s), "nonfinite": s == 2,
              "samples": {"a": 2, "b": 1}, "reward": {"a": float(s)} if s != 3 else {},
              "activation": {"a": {"3": [-0.5 * s, 0.25]}}, "env_adapter_norm": {"a": 10.0 * s}} for s in (1, 2, 3)]
+    recs = [step_from_json(r) for r in recs]  # the typed records the router hands its subscribers
     mon = DriftMonitor.__new__(DriftMonitor)
     mon.last = recs[-1]
     m = mon.metrics(window=recs)

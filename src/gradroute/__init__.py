@@ -20,7 +20,7 @@ _LAZY = {
     "GradientRouter": "gradroute.router",
     "RoutingPlan": "gradroute.plan",
     "build_plan": "gradroute.plan",
-    "Attribution": "gradroute.attribution",
+    "Attribution": "gradroute.router.attribution",
     "DriftMonitor": "gradroute.monitor",
     "load_log": "gradroute.monitor",
     "last_clean_checkpoint": "gradroute.monitor",
@@ -34,12 +34,18 @@ _LAZY = {
     "ActivationPenalty": "gradroute.comparators",
     "PreventativeSteering": "gradroute.comparators",
     "attach_comparator": "gradroute.integrations.trl",
+    "save_adapter": "gradroute.integrations.peft",
+    "save_discarded": "gradroute.integrations.discard",
+    "RouterCallback": "gradroute.integrations.trainer",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .attribution import Attribution
+    from .router.attribution import Attribution
     from .anchoring import Anchoring, Dopesheet
     from .comparators import ActivationPenalty, ConceptAblation, PreventativeSteering
+    from .integrations.discard import save_discarded
+    from .integrations.peft import save_adapter
+    from .integrations.trainer import RouterCallback
     from .integrations.trl import Handle, attach, attach_anchoring, attach_comparator
     from .monitor import DriftMonitor, last_clean_checkpoint, load_log
     from .plan import RoutingPlan, build_plan

@@ -1,6 +1,7 @@
 """``HaltPolicy``: composable drift rules and what to do when one fires.
 
-Each rule looks at the newest monitor record (and the history before it) and returns a
+Each rule looks at the newest step record (a typed
+:class:`~gradroute.router.records.StepRecord`, and the records before it) and returns a
 :class:`Violation` when its threshold is crossed:
 
 - ``AdapterNormRule(max_norm)``: ``‖A‖ > max_norm`` (Frobenius norm of the adapter's weight delta).
@@ -12,7 +13,7 @@ Each rule looks at the newest monitor record (and the history before it) and ret
   its mean over the first ``baseline_steps`` records (the Persona-Vectors monitoring signal).
 - ``NonFiniteRule()``: the step's in-subspace update is NaN/Inf.
 - ``NonFiniteRewardRule(max_count)``: more than ``max_count`` NaN/None rewards in one
-  environment since the start of the run (``record["nonfinite_rewards_total"]``).
+  environment since the start of the run (``record.nonfinite_rewards_total``).
 
 Actions: ``"stop"`` (default: checkpoint, halt record, stop), ``"warn"`` (log and go on), or
 a callable ``f(violation, record)`` returning True to stop.
@@ -25,11 +26,15 @@ import statistics
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, GradrouteWarning
+from .layers import LayerKey
 
-Record = dict[str, Any]
+if TYPE_CHECKING:
+    from .router.records import StepRecord
+
+ViolationKey = tuple[str, "str | None", "LayerKey | None"]
 
 
 @dataclass
@@ -43,7 +48,12 @@ class Violation:
     top_envs: list[tuple[str, float]] = field(default_factory=list)
     detail: str = ""
     env: str | None = None  # the environment the rule is about, when there is one
-    layer: int | str | None = None  # the layer the rule is about (activation rules), when there is one
+    layer: LayerKey | None = None  # the layer the rule is about (activation rules), when there is one
+
+    @property
+    def key(self) -> ViolationKey:
+        """What makes two violations the same crossing: the rule, the environment, the layer."""
+        return (self.rule, self.env, self.layer)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -51,9 +61,9 @@ class Violation:
         return d
 
 
-def top_envs(record: Record, n: int = 3) -> list[tuple[str, float]]:
-    """Environments ranked by their share of the current adapter."""
-    shares = record.get("env_adapter_share") or record.get("env_share") or {}
+def top_envs(record: StepRecord, n: int = 3) -> list[tuple[str, float]]:
+    """Environments ranked by their share of the current adapter (of the step, before any split)."""
+    shares = record.env_adapter_share or record.env_share or {}
     ranked = sorted(((e, s) for e, s in shares.items() if e != "_unattributed"), key=lambda x: -x[1])
     return [(e, round(float(s), 6)) for e, s in ranked[:n]]
 
@@ -64,13 +74,13 @@ class Rule:
     name = "rule"
     action: str | Callable[..., Any] | None = None
 
-    def check(self, record: Record, history: Sequence[Record]) -> Violation | None:  # pragma: no cover
+    def check(self, record: StepRecord, history: Sequence[StepRecord]) -> Violation | None:  # pragma: no cover
         raise NotImplementedError
 
-    def _v(self, record: Record, value: float, threshold: float, detail: str = "") -> Violation:
-        return Violation(self.name, float(value), float(threshold), int(record["step"]), top_envs(record), detail)
+    def _v(self, record: StepRecord, value: float, threshold: float, detail: str = "") -> Violation:
+        return Violation(self.name, float(value), float(threshold), int(record.step), top_envs(record), detail)
 
-    def _worst_env(self, record: Record, values: dict[str, float], threshold: float, what: str = "") -> Violation | None:
+    def _worst_env(self, record: StepRecord, values: dict[str, float], threshold: float, what: str = "") -> Violation | None:
         """A violation for the environment with the largest value, if it exceeds ``threshold``."""
         if not values:
             return None
@@ -112,7 +122,7 @@ class AdapterNormRule(Rule):
         self.action = action
 
     def check(self, record, history):
-        v = record.get("adapter_norm", 0.0)
+        v = record.adapter_norm
         return self._v(record, v, self.max_norm) if v > self.max_norm else None
 
 
@@ -125,9 +135,9 @@ class GrowthRule(Rule):
         self.action = action
 
     def check(self, record, history):
-        past = [h for h in history if h["step"] <= record["step"] - self.window]
-        base = past[-1]["adapter_norm"] if past else 0.0  # within the first window: since the start
-        growth = record.get("adapter_norm", 0.0) - base
+        past = [h for h in history if h.step <= record.step - self.window]
+        base = past[-1].adapter_norm if past else 0.0  # within the first window: since the start
+        growth = record.adapter_norm - base
         return self._v(record, growth, self.max_growth, f"over {self.window} steps") if growth > self.max_growth else None
 
 
@@ -147,9 +157,9 @@ class EnvShareRule(Rule):
         self.action = action
 
     def check(self, record, history):
-        if record.get("adapter_norm", 0.0) < self.min_norm:
+        if record.adapter_norm < self.min_norm:
             return None
-        shares = {e: s for e, s in (record.get("env_adapter_share") or {}).items() if e != "_unattributed"}
+        shares = {e: s for e, s in record.env_adapter_share.items() if e != "_unattributed"}
         return self._worst_env(record, shares, self.max_share)
 
 
@@ -176,16 +186,15 @@ class ActivationDriftRule(Rule):
         base = history[: self.baseline_steps]
         if len(base) < self.baseline_steps:
             return None
-        worst: tuple[float, str] | None = None
-        for env, layers in (record.get("activation") or {}).items():
+        worst: tuple[float, str, LayerKey] | None = None
+        for env, layers in record.activation.items():
             for layer, value in layers.items():
-                series = [h["activation"][env][layer] for h in base
-                          if layer in (h.get("activation") or {}).get(env, {})]
+                series = [h.activation[env][layer] for h in base if layer in h.activation.get(env, {})]
                 if len(series) < 2:
                     continue
                 k = len(value)
-                recent = [h["activation"][env][layer] for h in history[self.baseline_steps:]
-                          if layer in (h.get("activation") or {}).get(env, {})][-(self.window - 1):] \
+                recent = [h.activation[env][layer] for h in history[self.baseline_steps:]
+                          if layer in h.activation.get(env, {})][-(self.window - 1):] \
                     if self.window > 1 else []
                 recent.append(value)
                 cur = [statistics.fmean(v[i] for v in recent) for i in range(k)]
@@ -199,7 +208,7 @@ class ActivationDriftRule(Rule):
         if worst and worst[0] > self.max_z:
             z, env, layer = worst
             v = self._v(record, z, self.max_z, f"environment {env!r}, layer {layer}")
-            v.env, v.layer = env, (int(layer) if str(layer).lstrip("-").isdigit() else layer)
+            v.env, v.layer = env, layer
             v.top_envs = [(env, round(z, 3)), *[e for e in v.top_envs if e[0] != env]][:3]
             return v
         return None
@@ -209,7 +218,7 @@ class NonFiniteRule(Rule):
     name = "nonfinite_update"
 
     def check(self, record, history):
-        bad = record.get("nonfinite") or not math.isfinite(record.get("update_norm", 0.0))
+        bad = record.nonfinite or not math.isfinite(record.update_norm)
         return self._v(record, float("nan"), 0.0, "NaN/Inf in the in-subspace update") if bad else None
 
 
@@ -223,7 +232,7 @@ class NonFiniteRewardRule(Rule):
         self.action = action
 
     def check(self, record, history):
-        totals = record.get("nonfinite_rewards_total") or {}
+        totals = record.nonfinite_rewards_total
         v = self._worst_env(record, totals, self.max_count, ": NaN/None rewards")
         if v is not None:
             v.top_envs = [(e, float(c)) for e, c in sorted(totals.items(), key=lambda x: -x[1])[:3]]
@@ -249,7 +258,7 @@ class HaltPolicy:
         activation_window: int = 1,
         halt_on_nonfinite: bool = True,
         max_nonfinite_rewards: int | None = None,
-        action: str | Callable[[Violation, Record], Any] = "stop",
+        action: str | Callable[[Violation, StepRecord], Any] = "stop",
         rules: Sequence[Rule] = (),
     ):
         if not (callable(action) or (isinstance(action, str) and action in ("stop", "warn"))):
@@ -333,33 +342,32 @@ class HaltPolicy:
             out.rules.append(r)
         return out
 
-    def evaluate(self, record: Record, history: Sequence[Record],
-                 active: set[tuple[str, str]] | None = None) -> list[tuple[Violation, bool]]:
-        """Violations of this record that are *new* — ``(rule, detail)`` not in ``active``, the ones
-        already above threshold at the previous step — each with whether it asks to stop.
-        ``active`` is updated in place; actions (warning, callable) run once per crossing."""
-        out = []
-        now: set[tuple[str, str]] = set()
-        for rule in self.rules:
-            v = rule.check(record, history)
-            if v is None:
-                continue
-            key = (v.rule, v.detail)
-            now.add(key)
-            if active is not None and key in active:
-                continue
-            action = rule.action if rule.action is not None else self.action
-            if callable(action):
-                stop = bool(action(v, record))
-            else:
-                stop = action == "stop"
-                if action == "warn":
-                    warnings.warn(f"drift: {v.rule} = {v.value:.4g} > {v.threshold:.4g} at step {v.step} "
-                                  f"({v.detail}; top environments {v.top_envs})", GradrouteWarning, stacklevel=3)
-            out.append((v, stop))
+    def fired(self, record: StepRecord, history: Sequence[StepRecord]) -> list[tuple[Rule, Violation]]:
+        """Each rule that fires at this record, with its violation (pure: no action runs)."""
+        return [(rule, v) for rule, v in ((r, r.check(record, history)) for r in self.rules) if v is not None]
+
+    def decide(self, rule: Rule, violation: Violation, record: StepRecord) -> bool:
+        """Run the action for a crossing of ``rule`` (warn, or the callable; the rule's own action
+        wins over the policy's) and say whether to stop. Call once per crossing."""
+        action = rule.action if rule.action is not None else self.action
+        if callable(action):
+            return bool(action(violation, record))
+        if action == "warn":
+            v = violation
+            warnings.warn(f"drift: {v.rule} = {v.value:.4g} > {v.threshold:.4g} at step {v.step} "
+                          f"({v.detail}; top environments {v.top_envs})", GradrouteWarning, stacklevel=3)
+        return action == "stop"
+
+    def evaluate(self, record: StepRecord, history: Sequence[StepRecord],
+                 active: set[ViolationKey] | None = None) -> list[tuple[Violation, bool]]:
+        """The violations of this record that are *new* — whose :attr:`Violation.key` is not in
+        ``active``, the crossings already above threshold at the previous step — each with whether
+        it asks to stop (:meth:`decide`). ``active`` is replaced by this record's keys."""
+        found = self.fired(record, history)
+        out = [(v, self.decide(rule, v, record)) for rule, v in found if active is None or v.key not in active]
         if active is not None:
             active.clear()
-            active.update(now)
+            active.update(v.key for _, v in found)
         return out
 
     def describe(self) -> dict[str, Any]:

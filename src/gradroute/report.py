@@ -12,11 +12,20 @@ Numbers follow one rule: three significant digits (:func:`num`), except fraction
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Any
 
-from .monitor import LOG_NAME, last_clean_checkpoint, load_log, read_records, resolve_path
+from .monitor import (
+    LOG_NAME,
+    Crossing,
+    RunLogView,
+    last_clean_checkpoint,
+    load_log,
+    read_log,
+    read_records,
+    resolve_path,
+    violation_from_json,
+)
 
 # one style per event type, shared by every figure and its legend
 EVENT_STYLE = {
@@ -26,7 +35,6 @@ EVENT_STYLE = {
     "resume": dict(color="tab:green", ls=":", lw=1.6, label="restart from checkpoint"),
     "checkpoint": dict(color="0.8", ls="-", lw=0.6, label="checkpoint"),
 }
-_LAYER = re.compile(r"environment '([^']+)', layer (-?\d+)")
 
 
 def num(x: Any) -> str:
@@ -49,7 +57,8 @@ def frac(x: float) -> str:
     return f"{x:.2f}"
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (reports draw files, never windows)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -68,7 +77,7 @@ def save_figure(fig, path: Path) -> Path:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=90, bbox_inches="tight", pad_inches=0.05)  # outside legends stay whole
-    _plt().close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -148,17 +157,20 @@ def _legend(ax, markers: list[Any], **kw) -> None:
               **kw)
 
 
-def fired_layer(events: list[dict[str, Any]]) -> tuple[str, str] | None:
-    """``(environment, layer)`` named by the halt (else the first current crossing) of an activation rule."""
-    cands = [e for e in events if e["type"] == "halt"] + \
-            [e for e in events if e["type"] == "crossing" and not e.get("superseded")] + \
-            [e for e in events if e["type"] == "crossing"]
-    for e in cands:
-        if e.get("env") is not None and e.get("layer") is not None:  # the typed fields
-            return str(e["env"]), str(e["layer"])
-        m = _LAYER.search(e.get("detail", ""))  # logs written before violations carried their layer
-        if m:
-            return m.group(1), m.group(2)
+def fired_layer(log: RunLogView | list[dict[str, Any]]) -> tuple[str, str] | None:
+    """``(environment, layer)`` named by the halt (else the first current crossing) of an activation
+    rule, read from the violations' typed ``env``/``layer`` fields (a :class:`RunLogView`, or the
+    event records of :func:`load_log`; the log reader recovers them from the text of logs written
+    before violations carried their layer)."""
+    if isinstance(log, RunLogView):
+        halts, crossings = log.halts, log.crossings
+    else:
+        halts = [Crossing(violation_from_json(e), True, bool(e.get("superseded"))) for e in log if e["type"] == "halt"]
+        crossings = [Crossing(violation_from_json(e), e.get("action") == "stop", bool(e.get("superseded")))
+                     for e in log if e["type"] == "crossing"]
+    for c in [*halts, *[c for c in crossings if not c.superseded], *crossings]:
+        if c.violation.env is not None and c.violation.layer is not None:
+            return c.violation.env, str(c.violation.layer)
     return None
 
 
@@ -168,7 +180,7 @@ def _default_out(run_dir: Path) -> Path:
 
 def figures(run_dir: str | Path, out: str | Path | None = None, title: str | None = None) -> list[Path]:
     """Write the run's figures (PNG) into ``out`` (default ``./<run name>-report/figures``) and return their paths."""
-    plt = _plt()
+    plt = pyplot()
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else _default_out(run_dir) / "figures"
     out.mkdir(parents=True, exist_ok=True)
@@ -228,7 +240,7 @@ def figures(run_dir: str | Path, out: str | Path | None = None, title: str | Non
     acts = [c for c in df.columns if c.startswith("activation.") and not c.startswith("activation_norm")]
     if acts:
         fig, ax = plt.subplots(figsize=(8, 3.5))
-        fired = fired_layer(events)
+        fired = fired_layer(read_log(run_dir, warn=False))
         chosen: dict[str, str] = {}
         if fired is not None:  # every environment at the layer where the rule fired
             chosen = {c.split(".")[1]: c for c in acts if c.split(".")[2] == fired[1]}

@@ -42,8 +42,8 @@ def train_on_rank(out_dir: str):
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps({
         "world": world,
         "max_diff": max(float((g - flat).abs().max()) for g in gathered),
-        "samples": rec.get("samples", {}),
-        "env_share": rec.get("env_share", {}),
+        "samples": rec.samples,
+        "env_share": rec.env_share,
         "envs": router.envs,
     }))
 

@@ -117,6 +117,8 @@ def _export(args: argparse.Namespace) -> int:
     if args.env is not None and args.env not in router.envs:
         raise AdapterError(f"--env {args.env!r} is not an environment of this run (it has {router.envs}).",
                            "pass one of those names, or leave --env out for the whole adapter.")
-    router.save_adapter(args.out, env=args.env, base=args.base)
+    from ..integrations.peft import save_adapter
+
+    save_adapter(router, args.out, env=args.env, base=args.base)
     print(f"exported adapter (steps={router.steps}, norm={router.adapter_norm(args.env).total:.4g}) to {args.out}")
     return 0

@@ -72,10 +72,11 @@ def _save_full(router: GradientRouter, path: Path, env: str | None) -> Path:
     sd = {k: v for k, v in model.state_dict().items() if not k.startswith(f"{ADAPTERS_ATTR}.")}
     # what the policy computes minus the adapter's (env) share: effective − U A_env
     for t in router.plan:
-        r = router._route(t.module)
-        sd[f"{t.module}.weight"] = router.base_weight(t.module, env).to(r.weight.dtype)
-        if len(r.blocks) > 1 and r.bias is not None:
-            sd[f"{t.module}.bias"] = router.base_bias(t.module, env).to(r.bias.dtype)
+        w = f"{t.module}.weight"
+        sd[w] = router.base_weight(t.module, env).to(sd[w].dtype)
+        bias = router.base_bias(t.module, env)  # None unless the bias is routed
+        if bias is not None and f"{t.module}.bias" in sd:
+            sd[f"{t.module}.bias"] = bias.to(sd[f"{t.module}.bias"].dtype)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(path), state_dict=sd)
     _io.write_json(path / "gradroute_discarded.json", {"format": "gradroute.discarded", "kind": "full",
@@ -94,10 +95,10 @@ def _save_lora(router: GradientRouter, pm: Any, path: Path, env: str | None, bas
     # update mode: the user's LoRA holds the persona part, so subtract it (−U C_env); activation
     # mode: the persona path is separate, so the user's LoRA is the discarded policy and only the
     # other environments' shares stay beside it (+U (C − C_env))
-    keep_persona = router.mode == "activation"
+    keep_persona = not router.weights_hold_adapter
     if keep_persona and env is None:
         return _write_lora(path, cfg, user, {}, base_name, router, env)
-    if not keep_persona and any(len(router._route(t.module).blocks) > 1 for t in router.plan):
+    if not keep_persona and any(router.adapter_bias_coords(t.module) is not None for t in router.plan):
         raise AdapterError("the persona adapter has a bias part, which a bias-free LoRA cannot subtract.",
                            "route with route_bias=False for LoRA policies.")
     extra: dict[str, int] = {}

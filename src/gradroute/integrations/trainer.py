@@ -6,8 +6,10 @@ scheduler → ``zero_grad`` → ``global_step += 1`` → ``on_step_end`` → log
 
 - re-syncs in ``on_step_begin`` (weights edited outside steps go to the base);
 - accounts the step in ``on_optimizer_step`` (gradients still present; a step the optimizer
-  skipped, e.g. an AMP overflow, is not counted), logs it, applies the halt policy — a stop
-  writes the halt record first, then asks the trainer to save a checkpoint and stop;
+  skipped, e.g. an AMP overflow, is not counted): ``router.step(at_step=N)`` hands the record to
+  every subscriber — the monitor logs it and applies the halt policy (a stop writes the halt
+  record, naming the checkpoint about to be written), this callback keeps it for the trainer's
+  logs — then, on a stop, asks the trainer to save a checkpoint and stop;
 - writes the router state into every checkpoint (``checkpoint-N/gradroute/``), then, last, a
   checksum manifest over every file there (:func:`gradroute._io.write_manifest`); on resume it
   verifies the manifest (an incomplete or damaged checkpoint is refused, naming the last
@@ -120,7 +122,9 @@ def check_resumable(ckpt: str | Path, run_dir: str | Path, model: Any = None) ->
 class RouterCallback(TrainerCallback):
     """Runs :meth:`GradientRouter.step` after every optimizer step of a ``Trainer``.
 
-    ``monitor``: a :class:`~gradroute.DriftMonitor` to log steps and apply its policy.
+    ``monitor``: the :class:`~gradroute.DriftMonitor` that logs steps and applies its policy
+    (default: the one subscribed to the router, if any); it is subscribed to the router if it
+    is not yet. The callback subscribes itself too: both receive each step record from the router.
 
     Trainer metrics: the step records since the previous log are kept, and
     :meth:`log_metrics` turns them into the scalars of the logged step (what the JSONL log
@@ -141,25 +145,38 @@ class RouterCallback(TrainerCallback):
         self.router = router
         self.allow_missing_state = allow_missing_state
         self.resume_from: str | None = None  # the checkpoint trainer.train() resumes from (set by attach)
-        if monitor is None:  # a DriftMonitor subscribed to the router
+        if monitor is None:
             from ..monitor import DriftMonitor
 
-            monitor = next((o for o in router.observers if isinstance(o, DriftMonitor)), None)
+            monitor = router.subscriber(DriftMonitor)
         self.monitor = monitor
         self.metrics_sink = metrics_sink
         self.last_record: StepRecord | None = None
         self.halted = False
-        # since the last trainer log: what the window's counts need from each step record
-        # (samples, rewards, non-finite flag), and the newest record in full
-        self.window: list[dict[str, Any]] = []
-        self._window_last: dict[str, Any] | None = None
+        self.window: list[StepRecord] = []  # the step records since the last trainer log
+        self.log_records = True  # False when the trainer does not log (logging_strategy="no")
         self.log_wrapped = False  # set by attach: trainer.log adds the metrics itself
+        if monitor is not None:
+            router.subscribe(monitor)
+        router.subscribe(self)
+
+    def observe(self, record: StepRecord) -> None:
+        """A step record from the router (this callback is one of its subscribers)."""
+        self.last_record = record
+        if self.log_records and self.monitor is not None:
+            self.window.append(record)
+        if self.metrics_sink is not None:
+            from ..monitor import step_metrics
+
+            self.metrics_sink(step_metrics([record]))
 
     def log_metrics(self) -> dict[str, float]:
         """The scalars of the newest step for the trainer's logs; starts a new logging window."""
         if self.monitor is None or not self.window:
             return {}
-        out = self.monitor.metrics(window=[*self.window[:-1], self._window_last])
+        from ..monitor import step_metrics
+
+        out = step_metrics(self.window)
         self.window = []
         return out
 
@@ -169,6 +186,9 @@ class RouterCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self._bind(optimizer)
+        self.log_records = getattr(args, "logging_strategy", "steps") != "no"
+        if self.monitor is not None and self.monitor.checkpoint_for is None:
+            self.monitor.checkpoint_for = lambda step: str(checkpoint_dir(args, step))
         if state.global_step > 0:
             ckpt = Path(self.resume_from) if self.resume_from else checkpoint_dir(args, state.global_step)
             run_dir = self.monitor.run_dir if self.monitor is not None and self.monitor.run_dir is not None \
@@ -203,21 +223,13 @@ class RouterCallback(TrainerCallback):
         return control
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        record = self.router.step(warn_if_skipped=False, observe=False)
-        self.last_record = record
+        # the step being completed (global_step is bumped after this); subscribers get the record
+        record = self.router.step(warn_if_skipped=False, at_step=state.global_step + 1)
         if record is None:
+            self.last_record = None
             return control
-        step = state.global_step + 1  # the step being completed (global_step is bumped after this)
-        stop = False
-        if self.monitor is not None:
-            ckpt = str(checkpoint_dir(args, step))
-            stop = self.monitor.observe(record, step=step, checkpoint=ckpt)
-            last = self.monitor.last
-            if last is not None and getattr(args, "logging_strategy", "steps") != "no":
-                self.window.append({k: last[k] for k in ("samples", "reward", "nonfinite") if k in last})
-                self._window_last = last
-            if self.metrics_sink is not None:
-                self.metrics_sink(self.monitor.metrics())
+        stop = self.monitor is not None and self.monitor.stopping and self.monitor.last is not None \
+            and self.monitor.last.step == record.step
         if _main_decides(stop):  # rank 0's log and history are authoritative
             self.halted = True
             control.should_save = True

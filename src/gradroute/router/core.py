@@ -7,7 +7,7 @@ The router composes small parts, each with one job:
   ``activation``): how the in-subspace part of a step reaches the adapter;
 - :mod:`~gradroute.router.envs` — the environment list and the per-environment split;
 - :mod:`~gradroute.router.state` — the state file;
-- :mod:`~gradroute.attribution` — per-environment shares from hooked gradients.
+- :mod:`~gradroute.router.attribution` — per-environment shares from hooked gradients.
 
 Each routed step produces a :class:`~gradroute.router.records.StepRecord` that is handed to
 subscribers (e.g. a :class:`~gradroute.DriftMonitor`): data flows one way.
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +33,18 @@ from ..subspace import Subspace
 from . import state as _state
 from .envs import UNATTRIBUTED, Environments, EnvSplit
 from .modes import MODES, RoutingMode
+from .modes.base import ModeContext
 from .records import AdapterNorm, StepRecord
 from .route import Route
 
 # relative in-subspace residue (vs the base's own change) that weights stored in this dtype
 # can be relied on to keep, once the base is materialized (discard, save, gradient mode)
 _ACHIEVABLE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(f"{old} is deprecated and will be removed in gradroute 0.3; use {new}.", DeprecationWarning,
+                  stacklevel=3)
 
 
 def _innermost_optimizer(opt: Any) -> torch.optim.Optimizer:
@@ -64,7 +70,8 @@ class GradientRouter:
 
     (``mode="activation"`` adds adapter parameters to the model: create the optimizer after
     the router, over ``model.parameters()``.) In a transformers/TRL ``Trainer`` add
-    ``router.callback()`` (or use :func:`gradroute.attach`).
+    ``gradroute.RouterCallback(router)`` (or use :func:`gradroute.attach`); export with
+    :func:`gradroute.save_adapter` / :func:`gradroute.save_discarded`.
 
     Parameters: ``side``/``targets``/``embeddings``/``spread``/``route_bias`` choose the modules
     (:func:`gradroute.plan.build_plan`); ``optimizer`` lets the router tell real optimizer
@@ -144,13 +151,17 @@ class GradientRouter:
         self.observers: list[Any] = []  # objects with .observe(record); see subscribe()
         self.environments = Environments(envs)
         self.env_split = EnvSplit(self.routes_state, self.environments)
-        self.mode_strategy: RoutingMode = mode_cls(self, {
+        self._nf_rewards: dict[str, int] = {}        # NaN/None rewards per environment since the last record
+        self._nf_rewards_total: dict[str, int] = {}  # ... since the run started (kept in the state file)
+        context = ModeContext(model=model, subspace=subspace, plan=self.plan, routes=self.routes_state,
+                              optimizer=lambda: self.optimizer)
+        self.mode_strategy: RoutingMode = mode_cls(context, {
             "adapter_lr": adapter_lr, "adapter_lr_multiplier": float(adapter_lr_multiplier),
             "adapter_weight_decay": adapter_weight_decay, "adapter_betas": adapter_betas})
         self.mode_strategy.setup()
         self.attribution = None
         if attribution or envs is not None:
-            from ..attribution import Attribution
+            from .attribution import Attribution
 
             self.attribution = Attribution(
                 base, self.routes_state, self.environments,
@@ -237,6 +248,10 @@ class GradientRouter:
         if observer not in self.observers:
             self.observers.append(observer)
 
+    def subscriber(self, kind: type) -> Any:
+        """The first subscriber that is a ``kind`` (e.g. the :class:`~gradroute.DriftMonitor`), or None."""
+        return next((o for o in self.observers if isinstance(o, kind)), None)
+
     def detach(self) -> None:
         """Remove the optimizer, attribution and mode hooks (the adapter state stays)."""
         for h in self._hooks:
@@ -246,6 +261,12 @@ class GradientRouter:
         if self.attribution is not None:
             self.attribution.remove()
         self.mode_strategy.remove()
+
+    @property
+    def weights_hold_adapter(self) -> bool:
+        """True when the routed weights hold base + U A (update, gradient modes); False when the
+        adapter is a separate path beside base weights (activation mode)."""
+        return self.mode_strategy.weights_hold_adapter
 
     @property
     def adapter_optimizer(self) -> torch.optim.Optimizer | None:
@@ -274,7 +295,7 @@ class GradientRouter:
 
     @torch.no_grad()
     def step(self, env_weights: Mapping[str, Any] | None = None, *, env_ids: Any = None,
-             warn_if_skipped: bool = True, observe: bool = True) -> StepRecord | None:
+             warn_if_skipped: bool = True, observe: bool = True, at_step: int | None = None) -> StepRecord | None:
         """Account the optimizer step that just happened. Call once after each ``optimizer.step()``.
 
         ``env_weights`` splits this step's in-subspace update across environments: either
@@ -283,11 +304,16 @@ class GradientRouter:
         a warning) when no optimizer step happened since the last call — nothing is counted twice.
 
         With attribution on (``attribution=True`` or ``envs=[...]``), the shares come from the
-        per-environment gradients the hooks captured (:mod:`gradroute.attribution`); ``env_ids``
+        per-environment gradients the hooks captured (:mod:`gradroute.router.attribution`); ``env_ids``
         gives the rows' environments when they were not set before the forward pass.
 
-        The record is handed to subscribers (a :class:`~gradroute.DriftMonitor` subscribes
-        itself; its halt raises :class:`~gradroute.errors.DriftHalt`) unless ``observe=False``.
+        ``at_step``: the number the record carries (the trainer's global step; default: the
+        router's own count of routed steps).
+
+        The record is handed to every subscriber (a :class:`~gradroute.DriftMonitor` subscribes
+        itself, a trainer callback too; a monitor's halt raises
+        :class:`~gradroute.errors.DriftHalt` unless it was made with ``raise_on_halt=False``)
+        unless ``observe=False``.
         """
         if env_ids is not None and self.attribution is None:
             raise ConfigError(
@@ -332,14 +358,14 @@ class GradientRouter:
             shares = self.env_split.unattributed()  # once split by environment, un-split steps go there
         if shares is not None:
             self.env_split.accumulate(shares, deltas)
-        record = self._record(deltas, shares)
-        record.attribution = attribution
+        record = self._record(deltas, shares, attribution, at_step)
         if observe:
             for o in list(self.observers):
                 o.observe(record)
         return record
 
-    def _record(self, deltas: dict[str, list[torch.Tensor]], shares: dict[str, dict[str, float]] | None) -> StepRecord:
+    def _record(self, deltas: dict[str, list[torch.Tensor]], shares: dict[str, dict[str, float]] | None,
+                attribution: Any, at_step: int | None) -> StepRecord:
         # one host transfer per step: the squared norms of every module's update and adapter
         sq = torch.stack([torch.stack([sum(d.double().pow(2).sum() for d in deltas[r.name]),
                                        sum(b.adapter.double().pow(2).sum() for b in r.blocks)]).cpu()
@@ -356,8 +382,10 @@ class GradientRouter:
                     env_num[env] = env_num.get(env, 0.0) + s * d_sq
         total_sq = sum(per_layer_upd.values())
         split = bool(self.env_split.split_envs)
+        nf_rewards, self._nf_rewards = self._nf_rewards, {}
+        a = attribution
         return StepRecord(
-            step=self.steps,
+            step=int(at_step) if at_step is not None else self.steps,
             update_norm=math.sqrt(total_sq),
             update_norm_per_layer={L: math.sqrt(v) for L, v in per_layer_upd.items()},
             adapter_norm=math.sqrt(sum(per_layer_norm.values())),
@@ -367,8 +395,34 @@ class GradientRouter:
             env_adapter_norm=self.env_split.adapter_norms() if split else {},
             mode=self.mode,
             nonfinite=not math.isfinite(total_sq),
-            deltas={r.name: deltas[r.name][0] for r in self.routes_state},
+            grad_norm=dict(a.grad_norm) if a is not None else {},
+            samples=dict(a.samples) if a is not None else {},
+            activation={e: dict(d) for e, d in a.activation.items()} if a is not None else {},
+            activation_norm={e: dict(d) for e, d in a.activation_norm.items()} if a is not None else {},
+            reward=dict(a.reward) if a is not None else {},
+            nonfinite_rewards=nf_rewards if self._nf_rewards_total else {},
+            nonfinite_rewards_total=dict(self._nf_rewards_total),
+            attribution=a,
         )
+
+    def record_rewards(self, envs: Sequence[Any], rewards: Sequence[float]) -> None:
+        """Rewards of this step's completions (RL), one per row with the row's environment.
+
+        They go into the next :class:`StepRecord`: the mean reward per environment (``reward``,
+        with attribution on) and the NaN/None rewards per environment (``nonfinite_rewards`` for
+        the step, ``nonfinite_rewards_total`` since the run started; a NaN/None reward is left
+        out of the mean)."""
+        if len(envs) != len(rewards):
+            raise EnvColumnError(f"record_rewards got {len(envs)} environments for {len(rewards)} rewards.",
+                                 "pass one environment per reward.")
+        names = [str(e) for e in envs]
+        values = [float("nan") if r is None or not math.isfinite(float(r)) else float(r) for r in rewards]
+        if self.attribution is not None:
+            self.attribution.record_rewards(names, values)  # NaN rewards are left out of the means
+        for name, r in zip(names, values):
+            if math.isnan(r):
+                self._nf_rewards[name] = self._nf_rewards.get(name, 0) + 1
+                self._nf_rewards_total[name] = self._nf_rewards_total.get(name, 0) + 1
 
     # ------------------------------------------------------------------ reading the adapter
     @property
@@ -528,29 +582,26 @@ class GradientRouter:
         router.load_state(path)
         return router
 
-    # ------------------------------------------------------------------ integrations
+    # ------------------------------------------------------------------ deprecated delegators
+    # The core never imports integrations, except in these three delegators kept so that code
+    # written against gradroute <= 0.4 runs; tests/test_imports.py allows exactly these.
     def save_adapter(self, path: str | Path, env: str | None = None, base: str = "modules", **kwargs: Any) -> Path:
-        """Write a standard PEFT LoRA adapter (B = U, A = coordinates, r = k, lora_alpha = r).
-
-        ``base``: ``"modules"`` also writes the routed modules' base weights
-        (``routed_base.safetensors``), ``"model"`` a full base model under ``path/base``
-        (``save_pretrained``), ``"none"`` nothing else; ``lora_bias``, ``base_name``,
-        ``tokenizer``: see :func:`gradroute.integrations.peft.save_adapter`.
-        """
+        """Deprecated alias of :func:`gradroute.save_adapter` ``(router, path, ...)`` (removed in 0.3)."""
+        _deprecated("router.save_adapter(path, ...)", "gradroute.save_adapter(router, path, ...)")
         from ..integrations.peft import save_adapter
 
         return save_adapter(self, path, env=env, base=base, **kwargs)
 
     def save_discarded(self, path: str | Path, env: str | None = None, **kwargs: Any) -> Path:
-        """The trained policy minus the adapter (or ``env``'s share): a plain PEFT LoRA on the
-        unchanged base for a LoRA policy, a full model otherwise
-        (:mod:`gradroute.integrations.discard`)."""
+        """Deprecated alias of :func:`gradroute.save_discarded` ``(router, path, ...)`` (removed in 0.3)."""
+        _deprecated("router.save_discarded(path, ...)", "gradroute.save_discarded(router, path, ...)")
         from ..integrations.discard import save_discarded
 
         return save_discarded(self, path, env=env, **kwargs)
 
     def callback(self, **kwargs: Any) -> Any:
-        """A transformers ``TrainerCallback`` doing the routing inside ``Trainer``/TRL trainers."""
+        """Deprecated alias of :class:`gradroute.RouterCallback` ``(router, ...)`` (removed in 0.3)."""
+        _deprecated("router.callback()", "gradroute.RouterCallback(router)")
         from ..integrations.trainer import RouterCallback
 
         return RouterCallback(self, **kwargs)

@@ -132,7 +132,7 @@ class ActivationMode(RoutingMode):
         o = self.options
         self.multiplier = float(o.get("adapter_lr_multiplier") or self.default_lr_multiplier)
         self.adapter_lr = o.get("adapter_lr")
-        base = unwrap_model(self.router.model)
+        base = unwrap_model(self.ctx.model)
         container = getattr(base, ADAPTERS_ATTR, None)
         if container is not None:
             raise ConfigError("this model already has activation-routing adapters (a second router?).",
@@ -142,7 +142,7 @@ class ActivationMode(RoutingMode):
         self.params: dict[str, nn.Parameter] = {}
         self.pinned: list[CoordBlock] = []
         self.prev: dict[str, torch.Tensor] = {}
-        for r in self.router.routes_state:
+        for r in self.ctx.routes:
             t = r.target
             dtype = torch.float64 if r.weight.dtype == torch.float64 else torch.float32
             p = nn.Parameter(torch.zeros(t.adapter_shape, dtype=dtype, device=dev))
@@ -165,7 +165,7 @@ class ActivationMode(RoutingMode):
         self.container = container
         self.nonzero = False  # no-grad forwards skip the adapters while they are exactly zero
         self.attribution: Any = None
-        self.handles = [r.module.register_forward_hook(self._hook(r)) for r in self.router.routes_state]
+        self.handles = [r.module.register_forward_hook(self._hook(r)) for r in self.ctx.routes]
         self._checked_optimizer = False
 
     def _user_lora_blocks(self, r: Route) -> list[CoordBlock]:
@@ -192,7 +192,7 @@ class ActivationMode(RoutingMode):
 
     def probe_layers(self) -> dict[Any, torch.Tensor]:
         # the routes use the cumulative spans; the monitor watches the persona layers themselves
-        return {L: self.router.subspace.basis(L) for L in self.router.subspace.layers}
+        return {L: self.ctx.subspace.basis(L) for L in self.ctx.subspace.layers}
 
     def attribution_ready(self, attribution: Any) -> None:
         self.attribution = attribution
@@ -216,7 +216,7 @@ class ActivationMode(RoutingMode):
         for h in self.handles:
             h.remove()
         self.handles = []
-        base = unwrap_model(self.router.model)
+        base = unwrap_model(self.ctx.model)
         if getattr(base, ADAPTERS_ATTR, None) is self.container:
             delattr(base, ADAPTERS_ATTR)
             keys = {f"{ADAPTERS_ATTR}.coords.{k}" for k in self.container.coords}
@@ -252,7 +252,7 @@ class ActivationMode(RoutingMode):
     def _lr_multiplier(self) -> float:
         if self.adapter_lr is None:
             return self.multiplier
-        opt = self.router.optimizer
+        opt = self.ctx.optimizer()
         if opt is None:
             return self.multiplier
         mine = {id(p) for p in self.params.values()}
@@ -264,8 +264,8 @@ class ActivationMode(RoutingMode):
     @torch.no_grad()
     def after_step(self) -> dict[str, list[torch.Tensor]]:
         if not self._checked_optimizer:
-            if self.router.optimizer is not None:
-                self.check_optimizer({id(p) for g in self.router.optimizer.param_groups for p in g["params"]})
+            if self.ctx.optimizer() is not None:
+                self.check_optimizer({id(p) for g in self.ctx.optimizer().param_groups for p in g["params"]})
             elif all(bool((p == 0).all()) for p in self.params.values()) and any(
                     p.grad is not None and bool(p.grad.abs().max() > 0) for p in self.params.values()):
                 raise ConfigError(
@@ -276,7 +276,7 @@ class ActivationMode(RoutingMode):
                 self._checked_optimizer = True
         m = self._lr_multiplier()
         deltas: dict[str, list[torch.Tensor]] = {}
-        for r in self.router.routes_state:
+        for r in self.ctx.routes:
             p = self.params[r.name]
             b = r.blocks[0]
             prev = self.prev[r.name]
@@ -320,6 +320,6 @@ class ActivationMode(RoutingMode):
     # ------------------------------------------------------------------ persistence
     @torch.no_grad()
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        for r in self.router.routes_state:
+        for r in self.ctx.routes:
             self.set_adapter(r, [r.blocks[0].adapter])
         self.adapter_changed()

@@ -17,15 +17,27 @@ at fixed points of each step:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
 from ...plan import RoutingPlan, build_plan
 from ..route import CoordBlock, Route
 
-if TYPE_CHECKING:
-    from ..core import GradientRouter
+
+@dataclass(frozen=True)
+class ModeContext:
+    """What a mode may see of the router: the model, the persona subspace, the plan, the
+    per-module routes, and the optimizer the router is bound to (asked for when needed, since it
+    is bound after the mode is built)."""
+
+    model: torch.nn.Module
+    subspace: Any
+    plan: RoutingPlan
+    routes: list[Route]
+    optimizer: Callable[[], torch.optim.Optimizer | None]
 
 
 class RoutingMode:
@@ -37,8 +49,8 @@ class RoutingMode:
     captures_gradients: ClassVar[bool] = False
     default_lr_multiplier: ClassVar[float] = 1.0
 
-    def __init__(self, router: GradientRouter, options: dict[str, Any]):
-        self.router = router
+    def __init__(self, ctx: ModeContext, options: dict[str, Any]):
+        self.ctx = ctx
         self.options = options
 
     # ------------------------------------------------------------------ setup
@@ -57,8 +69,8 @@ class RoutingMode:
 
     def probe_layers(self) -> dict[Any, torch.Tensor]:
         """Layers (and bases) whose activation projections attribution records per environment."""
-        routed = set(self.router.plan.layers)
-        return {L: self.router.subspace.basis(L) for L in self.router.subspace.layers if L in routed}
+        routed = set(self.ctx.plan.layers)
+        return {L: self.ctx.subspace.basis(L) for L in self.ctx.subspace.layers if L in routed}
 
     def attribution_ready(self, attribution: Any) -> None:
         """Called once per-environment attribution is set up."""
@@ -78,7 +90,7 @@ class RoutingMode:
 
     def update_optimizer(self) -> torch.optim.Optimizer | None:
         """The optimizer whose update the adapter's coordinates follow (for attribution)."""
-        return self.router.optimizer
+        return self.ctx.optimizer()
 
     # ------------------------------------------------------------------ the step
     def skipped(self) -> None:

@@ -30,7 +30,7 @@ class GradientMode(RoutingMode):
         o = self.options
         self.params: dict[str, list[nn.Parameter]] = {
             r.name: [nn.Parameter(b.adapter.clone(), requires_grad=True) for b in r.blocks]
-            for r in self.router.routes_state}
+            for r in self.ctx.routes}
         self.optimizer = torch.optim.AdamW([p for ps in self.params.values() for p in ps],
                                            lr=o.get("adapter_lr") or 1e-3, betas=o.get("adapter_betas", (0.9, 0.999)),
                                            weight_decay=o.get("adapter_weight_decay", 0.0))
@@ -44,12 +44,12 @@ class GradientMode(RoutingMode):
 
     @torch.no_grad()
     def split_gradients(self) -> None:
-        for r in self.router.routes_state:
+        for r in self.ctx.routes:
             for b, p in zip(r.blocks, self.params[r.name]):
                 g = b.param.grad
                 p.grad = None if g is None else b.split(g)
         lr = self.options.get("adapter_lr")
-        main = self.router.optimizer
+        main = self.ctx.optimizer()
         if lr is None and main is not None:
             lr = main.param_groups[0]["lr"]
         for group in self.optimizer.param_groups:
@@ -60,7 +60,7 @@ class GradientMode(RoutingMode):
         self.split_pending = False
 
     def _follow_devices(self) -> None:
-        for r in self.router.routes_state:
+        for r in self.ctx.routes:
             for b, p in zip(r.blocks, self.params[r.name]):
                 if p.device != b.param.device:
                     p.data = p.data.to(b.param.device)
@@ -78,10 +78,10 @@ class GradientMode(RoutingMode):
                 "router can split gradients right before optimizer.step().",
             )
         self._follow_devices()
-        prev = {r.name: [b.adapter.clone() for b in r.blocks] for r in self.router.routes_state}
+        prev = {r.name: [b.adapter.clone() for b in r.blocks] for r in self.ctx.routes}
         self.optimizer.step()
         deltas: dict[str, list[torch.Tensor]] = {}
-        for r in self.router.routes_state:
+        for r in self.ctx.routes:
             ps = self.params[r.name]
             r.realize([p.data for p in ps])
             for b, p in zip(r.blocks, ps):
@@ -92,7 +92,7 @@ class GradientMode(RoutingMode):
 
     @torch.no_grad()
     def adapter_changed(self) -> None:
-        for r in self.router.routes_state:
+        for r in self.ctx.routes:
             for b, p in zip(r.blocks, self.params[r.name]):
                 p.data = b.adapter.clone()
         self.optimizer.state.clear()
@@ -105,7 +105,7 @@ class GradientMode(RoutingMode):
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         with torch.no_grad():
-            for r in self.router.routes_state:
+            for r in self.ctx.routes:
                 for b, p in zip(r.blocks, self.params[r.name]):
                     p.data = b.adapter.clone()
         state: dict[int, dict[str, Any]] = {}

@@ -19,7 +19,7 @@ class UpdateMode(RoutingMode):
 
     def after_step(self) -> dict[str, list[torch.Tensor]]:
         deltas: dict[str, list[torch.Tensor]] = {}
-        for r in self.router.routes_state:
+        for r in self.ctx.routes:
             ds = []
             for b in r.blocks:
                 new = b.coords() - b.ref0
