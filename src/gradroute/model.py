@@ -387,20 +387,8 @@ def trainable_lora_parameters(module: nn.Module) -> list[nn.Parameter]:
 
 
 # ------------------------------------------------------------------ residual writers and readers
-# Fallback only: module-name suffixes of residual writers in common architectures. The primary
-# lookup (block_io_modules) finds writers from the model's own dataflow.
-KNOWN_WRITER_SUFFIXES = (
-    "self_attn.o_proj", "mlp.down_proj",                     # Llama, Qwen2/3, Mistral, Gemma, OLMo
-    "attn.c_proj", "mlp.c_proj",                             # GPT-2 (Conv1D)
-    "attention.dense", "mlp.dense_4h_to_h",                  # GPT-NeoX / Pythia
-    "self_attention.dense",                                  # Falcon, Bloom
-    "self_attn.out_proj", "fc2", "attn.out_proj", "mlp.fc_out",  # OPT, GPT-J
-    "self_attn.dense", "mlp.fc2",                            # Phi
-    "block_sparse_moe.experts.*.w2", "feed_forward.w2",
-)
-
-
 def _candidates(block: nn.Module, prefix: str) -> dict[str, nn.Module]:
+    """The block's Linear/Conv1D modules (not the user's LoRA parts)."""
     out = {}
     for name, mod in block.named_modules():
         if name and module_kind(mod) in ("linear", "conv1d") and not name.endswith("base_layer"):
@@ -410,6 +398,12 @@ def _candidates(block: nn.Module, prefix: str) -> dict[str, nn.Module]:
     return out
 
 
+def _any_modules(block: nn.Module, prefix: str) -> dict[str, nn.Module]:
+    """Every submodule of the block that could produce a write (not the user's LoRA parts)."""
+    return {f"{prefix}{name}": mod for name, mod in block.named_modules()
+            if name and not name.endswith("base_layer") and "lora_" not in name}
+
+
 def _embedding_candidates(model: nn.Module, prefix: str, d: int) -> dict[str, nn.Module]:
     """Embedding modules outside the decoder blocks whose output has size d (token, position)."""
     return {n: m for n, m in model.named_modules()
@@ -417,15 +411,25 @@ def _embedding_candidates(model: nn.Module, prefix: str, d: int) -> dict[str, nn
 
 
 def _trace(model: nn.Module, blocks: nn.ModuleList, prefix: str, d: int) -> dict[str, Any] | None:
-    """One forward pass on a few tokens, recording each block's input and output, the outputs
-    of every d-output Linear/Conv1D inside the blocks, and of the embeddings."""
-    cands = [{n: m for n, m in _candidates(b, f"{prefix}{i}.").items() if io_dims(m)[1] == d}
-             for i, b in enumerate(blocks)]
+    """One forward pass on a few tokens, recording each block's input and output, the d-wide
+    tensor outputs of every module inside the blocks (Linear/Conv1D writers, but also norms, MoE
+    blocks, ...), and the embeddings' outputs."""
+    mods = [_any_modules(b, f"{prefix}{i}.") for i, b in enumerate(blocks)]
     embs = _embedding_candidates(model, prefix, d)
     ins: dict[int, torch.Tensor] = {}
     outs: dict[int, torch.Tensor] = {}
     mod_out: dict[str, torch.Tensor] = {}
+    mod_in: dict[str, torch.Tensor] = {}
     handles = []
+
+    def record(name: str, a: tuple, o: Any) -> None:
+        if isinstance(o, tuple | list) and o and torch.is_tensor(o[0]):
+            o = o[0]  # (hidden, router logits / attention weights, ...): the hidden part is the candidate
+        if torch.is_tensor(o) and o.ndim >= 2 and o.shape[-1] == d and o.is_floating_point():
+            mod_out[name] = o.detach().float()
+            if a and torch.is_tensor(a[0]) and a[0].is_floating_point():
+                mod_in[name] = a[0].detach().float()
+
     try:
         for i, b in enumerate(blocks):
             def pre(m, args, kwargs, i=i):
@@ -437,9 +441,8 @@ def _trace(model: nn.Module, blocks: nn.ModuleList, prefix: str, d: int) -> dict
 
             handles.append(b.register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(b.register_forward_hook(post))
-        for n, m in [kv for c in cands for kv in c.items()] + list(embs.items()):
-            handles.append(m.register_forward_hook(
-                lambda mod, a, o, n=n: mod_out.__setitem__(n, o.detach().float())))
+        for n, m in [kv for c in mods for kv in c.items()] + list(embs.items()):
+            handles.append(m.register_forward_hook(lambda mod, a, o, n=n: record(n, a, o)))
         vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 8
         ids = (torch.arange(1, 7) % vocab)[None].to(model_device(model))
         was = model.training
@@ -454,17 +457,36 @@ def _trace(model: nn.Module, blocks: nn.ModuleList, prefix: str, d: int) -> dict
     finally:
         for h in handles:
             h.remove()
-    return {"cands": cands, "embs": embs, "ins": ins, "outs": outs, "mod_out": mod_out}
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return {"mods": mods, "embs": embs, "ins": ins, "outs": outs, "mod_out": mod_out, "mod_in": mod_in,
+            "eps": float(torch.finfo(dtype).eps)}
 
 
-def _sum_match(target: torch.Tensor, names: list[str], outputs: dict[str, torch.Tensor]) -> list[str] | None:
-    """The unique smallest subset of ``names`` whose outputs sum to ``target`` (None: none or ambiguous)."""
+def _distinct(names: list[str], modules: dict[str, nn.Module], outputs: dict[str, torch.Tensor]) -> list[str]:
+    """One name per distinct output: of modules computing the same tensor (an MLP and its down
+    projection, a writer and the dropout after it), the Linear/Conv1D, else the deepest."""
+    def rank(n: str) -> tuple[int, int]:
+        return (0 if module_kind(modules[n]) in ("linear", "conv1d") else 1, -n.count("."))
+
+    kept: list[str] = []
+    for n in sorted(names, key=rank):
+        o = outputs[n]
+        if not any(outputs[k].shape == o.shape and torch.equal(outputs[k], o) for k in kept):
+            kept.append(n)
+    return kept
+
+
+def _sum_match(target: torch.Tensor, names: list[str], outputs: dict[str, torch.Tensor],
+               tol: float = 1e-4, scale: float = 0.0) -> list[str] | None:
+    """The unique smallest subset of ``names`` whose outputs sum to ``target`` within ``tol``
+    relative to ``‖target‖ + scale`` (None: none or ambiguous)."""
     import itertools
 
     names = [n for n in names if n in outputs and outputs[n].shape == target.shape]
+    bound = tol * (float(target.norm()) + scale) + 1e-6
     for size in range(1, min(4, len(names)) + 1):
         hits = [list(c) for c in itertools.combinations(names, size)
-                if (target - sum(outputs[n] for n in c)).norm() <= 1e-4 * target.norm() + 1e-6]
+                if float((target - sum(outputs[n] for n in c)).norm()) <= bound]
         if len(hits) == 1:
             return hits[0]
         if len(hits) > 1:
@@ -472,29 +494,130 @@ def _sum_match(target: torch.Tensor, names: list[str], outputs: dict[str, torch.
     return None
 
 
+def _block_writes(t: dict[str, Any], i: int) -> list[str] | None:
+    """The modules whose outputs sum to block i's residual update (any kind), or None."""
+    if i not in t["ins"] or i not in t["outs"]:
+        return None
+    mods = t["mods"][i]
+    names = _distinct([n for n in mods if n in t["mod_out"]], mods, t["mod_out"])
+    # the residual add rounds in the weights' dtype: allow a few ulps of the stream itself
+    return _sum_match(t["outs"][i] - t["ins"][i], names, t["mod_out"], tol=max(1e-4, 8 * t["eps"]),
+                      scale=float(t["ins"][i].norm()) if t["eps"] > 1e-6 else 0.0)
+
+
+def _write_problem(i: int, name: str, module: nn.Module, mode_hint: str) -> str:
+    """Why the write ``name`` of block i cannot be routed by splitting a Linear's weight."""
+    kind = type(module).__name__
+    params = ", ".join(f"{n} {tuple(p.shape)}" for n, p in module.named_parameters(recurse=False))
+    if "norm" in kind.lower() or "norm" in name.split(".")[-1].lower():
+        return (f"block {i}'s residual write {name!r} is the output of a {kind} (a post-norm branch: "
+                f"g ⊙ y / rms(y) of the writer's output y), so the writer's weights do not live in the residual "
+                f"basis{mode_hint}")
+    sub = [f"{n} {tuple(p.shape)}" for n, p in module.named_parameters() if p.ndim == 3][:2]
+    what = f"fused expert parameters {', '.join(sub)}" if sub else (f"parameters {params}" if params else "no Linear")
+    return (f"block {i}'s residual write {name!r} is the output of a {kind} ({what}), not of a Linear/Conv1D "
+            f"writer{mode_hint}")
+
+
+def is_norm(module: nn.Module, name: str = "") -> bool:
+    """A normalization layer (RMSNorm / LayerNorm) with a learned per-channel gain."""
+    kind = type(module).__name__.lower()
+    w = getattr(module, "weight", None)
+    return ("norm" in kind or "norm" in name.split(".")[-1].lower()) and isinstance(w, torch.Tensor) and w.ndim == 1
+
+
+def _post_norm_writer(t: dict[str, Any], i: int, norm: str) -> str | None:
+    """The Linear/Conv1D of block i whose output is the input of the post-norm ``norm`` (None: none)."""
+    x = t["mod_in"].get(norm)
+    if x is None:
+        return None
+    hits = [n for n, m in t["mods"][i].items() if module_kind(m) in ("linear", "conv1d") and n in t["mod_out"]
+            and t["mod_out"][n].shape == x.shape and torch.equal(t["mod_out"][n], x)]
+    return hits[0] if len(hits) == 1 else None
+
+
+def expert_writers(module: nn.Module, d: int) -> list[tuple[str, int]] | None:
+    """The parameters inside a mixture-of-experts block that write the residual stream, with
+    the axis of each that indexes it: fused expert down projections ``(E, d, ffn)`` (axis 1, as
+    ``F.linear(h, down_proj[e])`` uses them), their biases ``(E, d)`` (axis 1), and the down
+    projections of shared experts (Linear ``(d, ffn)``, axis 0, and bias ``(d,)``). None when the
+    block holds no such parameter or one whose layout is ambiguous (e.g. ``(E, ffn, d)``)."""
+    out: list[tuple[str, int]] = []
+    for name, p in module.named_parameters():
+        leaf = name.split(".")[-1]
+        owner = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
+        if "down" not in name:
+            continue
+        if p.ndim == 3:
+            if p.shape[1] != d or p.shape[2] == d:
+                return None  # not (E, d, ffn), or not telling which axis is the stream's
+            out.append((name, 1))
+        elif p.ndim == 2 and "bias" in leaf and p.shape[1] == d:
+            out.append((name, 1))
+        elif isinstance(owner, nn.Linear) and leaf == "weight" and p.shape[0] == d:
+            out.append((name, 0))
+        elif isinstance(owner, nn.Linear) and leaf == "bias" and p.shape[0] == d:
+            out.append((name, 0))
+        else:
+            return None
+    return out if any(module.get_parameter(n).ndim == 3 for n, _ in out) else None  # fused experts: an MoE block
+
+
+def post_norm_writers(model: nn.Module) -> dict[str, str]:
+    """``{writer: norm}`` for every Linear/Conv1D whose output reaches the residual stream only
+    through a post-norm (Gemma 2/3, OLMo 2), found from one traced forward pass; empty when the
+    pass fails or there are none."""
+    m = unwrap_model(model)
+    try:
+        blocks = decoder_layers(m)
+        prefix = decoder_layers_path(m) + "."
+        d = model_hidden_size(m)
+    except Exception:
+        return {}
+    t = _trace(m, blocks, prefix, d)
+    if t is None:
+        return {}
+    out: dict[str, str] = {}
+    for i in range(len(blocks)):
+        for n in _block_writes(t, i) or []:
+            mod = t["mods"][i][n]
+            if module_kind(mod) not in ("linear", "conv1d") and is_norm(mod, n):
+                src = _post_norm_writer(t, i, n)
+                if src is not None:
+                    out[src] = n
+    return out
+
+
+def _unmatched(i: int, t: dict[str, Any]) -> str:
+    mods = t["mods"][i]
+    lin = sorted(n for n, m in mods.items() if module_kind(m) in ("linear", "conv1d") and n in t["mod_out"])
+    return (f"block {i}'s residual update is not a sum of outputs of its modules "
+            f"(its d-wide Linear/Conv1D modules: {lin})")
+
+
 def _trace_writers(model: nn.Module, blocks: nn.ModuleList, prefix: str, d: int) -> list[list[str] | None] | None:
-    """Writers per block from one forward pass: the smallest set of d-output modules whose
-    outputs sum to the block's residual update (output − input); None for a block where that
-    fails, None overall if the pass fails."""
+    """Writers per block from one forward pass (modules of any kind whose outputs sum to the
+    block's update); None for a block where that fails, None overall if the pass fails."""
     t = _trace(model, blocks, prefix, d)
     if t is None:
         return None
-    result: list[list[str] | None] = []
-    for i in range(len(blocks)):
-        if i not in t["ins"] or i not in t["outs"]:
-            result.append(None)
-            continue
-        result.append(_sum_match(t["outs"][i] - t["ins"][i], list(t["cands"][i]), t["mod_out"]))
-    return result
+    return [_block_writes(t, i) for i in range(len(blocks))]
 
 
-def residual_writes(model: nn.Module) -> tuple[list[str], list[list[str]]]:
+def residual_writes(model: nn.Module, post_norm: dict[str, str] | None = None,
+                    experts: dict[str, list[tuple[str, int]]] | None = None) -> tuple[list[str], list[list[str]]]:
     """Every write into the residual stream, verified from the dataflow: (embedding modules whose
     outputs sum to block 0's input, writers per block whose outputs sum to the block's update).
 
-    Raises :class:`~gradroute.errors.RoutingError` naming what cannot be matched (a block whose
-    update is not a sum of module outputs, e.g. post-norm branches; embeddings that are scaled
-    or normalized before block 0)."""
+    A write that is a post-norm's output (Gemma 2/3, OLMo 2: ``g ⊙ y / rms(y)`` of a writer's
+    output y) is accepted when ``post_norm`` is given: the writer Linear is listed and
+    ``post_norm[writer] = norm`` records where its write really is. A write that is a
+    mixture-of-experts block's output is accepted when ``experts`` is given: the block is listed
+    and ``experts[block] = [(parameter, axis), ...]`` names its expert writers
+    (:func:`expert_writers`). Raises
+    :class:`~gradroute.errors.RoutingError` naming what cannot be matched (a block whose update is
+    not a sum of module outputs; a write that is neither a Linear/Conv1D output nor a post-norm of
+    one, as in mixture-of-experts blocks; embeddings that are scaled or normalized before block 0)."""
     from .errors import RoutingError
 
     m = unwrap_model(model)
@@ -512,18 +635,39 @@ def residual_writes(model: nn.Module) -> tuple[list[str], list[list[str]]]:
                         "(is it scaled or normalized before block 0?)")
     writers: list[list[str]] = []
     for i in range(len(blocks)):
-        found = None
-        if i in t["ins"] and i in t["outs"]:
-            found = _sum_match(t["outs"][i] - t["ins"][i], list(t["cands"][i]), t["mod_out"])
+        found = _block_writes(t, i)
         if found is None:
-            problems.append(f"block {i}'s residual update is not a sum of outputs of its Linear/Conv1D modules "
-                            f"(candidates: {sorted(t['cands'][i])})")
+            problems.append(_unmatched(i, t))
             found = []
-        writers.append(found)
+        names = []
+        for n in found:
+            mod = t["mods"][i][n]
+            if module_kind(mod) in ("linear", "conv1d"):
+                names.append(n)
+                continue
+            if not is_norm(mod, n) and experts is not None:
+                found_experts = expert_writers(mod, d)
+                if found_experts is not None:
+                    names.append(n)
+                    experts[n] = found_experts
+                    continue
+            src = _post_norm_writer(t, i, n) if is_norm(mod, n) else None
+            if src is None or post_norm is None:
+                hint = (" (pass post_norm='first_order' to route it: isolation to first order, README: model "
+                        "families)") if src is not None else ""
+                problems.append(_write_problem(i, n, mod, hint))
+            else:
+                names.append(src)
+                post_norm[src] = n  # type: ignore[index]
+        writers.append(names)
     if problems:
-        raise RoutingError("activation routing needs every write into the residual stream, but: "
+        raise RoutingError("activation routing needs every write into the residual stream to be a Linear/Conv1D "
+                           "output" + (" or a post-norm of one" if post_norm is not None else "")
+                           + (" or a mixture-of-experts block's" if experts is not None else "") + ", but: "
                            + "; ".join(problems) + ".",
-                           "use mode='update' for this architecture, or open an issue with the model's class name.")
+                           "route a dense pre-norm or post-norm family (Llama, Qwen2/3, Mistral, Phi-3, GPT-2, GPT-NeoX, "
+                           "Gemma 2/3, OLMo 2 with post_norm='first_order', mixture-of-experts blocks with fused "
+                           "(E, d, ffn) experts) (README: model families).")
     return emb or [], writers
 
 
@@ -531,25 +675,45 @@ def block_io_modules(model: nn.Module) -> list[dict[str, list[str]]]:
     """Residual writers and readers of each decoder block (module names in the unwrapped model).
 
     Writers are found from the dataflow: one forward pass on a few tokens, keeping the smallest
-    set of Linear/Conv1D modules with output size d whose outputs add up to the block's residual
-    update (attention output and MLP down projections in pre-norm blocks, parallel or
-    sequential). If that fails (e.g. post-norm on the branches), module names are matched
-    against :data:`KNOWN_WRITER_SUFFIXES`. Readers are the block's other Linear/Conv1D modules
-    with input size d (q/k/v, gate/up, ``c_attn``/``c_fc``, ``query_key_value``/``dense_h_to_4h``).
+    set of modules whose outputs add up to the block's residual update (attention output and
+    MLP down projections in pre-norm blocks, parallel or sequential). A block where that fails,
+    or whose writes are not Linear/Conv1D outputs (post-norm branches: Gemma 2/3, OLMo 2;
+    mixture-of-experts blocks with fused expert weights), raises
+    :class:`~gradroute.errors.RoutingError` naming the module: splitting a Linear's weight by the
+    residual basis would route the wrong space there, silently. Readers are the block's other
+    Linear/Conv1D modules with input size d (q/k/v, gate/up, ``c_attn``/``c_fc``,
+    ``query_key_value``/``dense_h_to_4h``).
     """
-    import fnmatch
+    from .errors import RoutingError
 
     m = unwrap_model(model)
     blocks = decoder_layers(m)
     prefix = decoder_layers_path(m) + "."
     d = model_hidden_size(m)
-    traced = _trace_writers(m, blocks, prefix, d)
-    if traced is None or any(w is None for w in traced):  # the name table, for the whole model
-        traced = []
-        for i, b in enumerate(blocks):
-            cands = _candidates(b, f"{prefix}{i}.")
-            traced.append([n for n in cands if any(fnmatch.fnmatchcase(n, f"*{s}") for s in KNOWN_WRITER_SUFFIXES)])
-    writers: list[list[str]] = traced  # type: ignore[assignment]
+    t = _trace(m, blocks, prefix, d)
+    if t is None:
+        raise RoutingError(f"a forward pass of {type(m).__name__} on a few tokens failed, so its residual writers "
+                           "cannot be found from the dataflow.",
+                           "check that model(input_ids=...) runs on this model, or pass "
+                           "targets={module: (layer, side)} naming the modules and layers yourself.")
+    problems: list[str] = []
+    writers: list[list[str]] = []
+    for i in range(len(blocks)):
+        found = _block_writes(t, i)
+        if found is None:
+            problems.append(_unmatched(i, t))
+            found = []
+        for n in found:
+            if module_kind(t["mods"][i][n]) not in ("linear", "conv1d"):
+                problems.append(_write_problem(i, n, t["mods"][i][n], ""))
+        writers.append(found)
+    if problems:
+        raise RoutingError(
+            "the residual writers of " + type(m).__name__ + " cannot be routed by splitting Linear weights: "
+            + "; ".join(problems[:4]) + ("; ..." if len(problems) > 4 else "") + ".",
+            "use mode='activation', which routes mixture-of-experts blocks exactly and post-norm branches (Gemma 2/3, "
+            "OLMo 2) to first order with post_norm='first_order'; update and gradient modes route dense pre-norm "
+            "families only (Llama, Qwen2/3, Mistral, Phi-3, GPT-2, GPT-NeoX; README: model families).")
     out = []
     for i, b in enumerate(blocks):
         cands = _candidates(b, f"{prefix}{i}.")

@@ -162,6 +162,7 @@ def build_plan(
     targets: Iterable[str] | Mapping[str, tuple[LayerKey, str]] | None = None,
     embeddings: bool = False,
     spread: int = 0,
+    allow_post_norm: bool = False,
     route_bias: bool | None = None,
 ) -> RoutingPlan:
     """Find the modules to route.
@@ -174,6 +175,9 @@ def build_plan(
       from the dataflow), the layer from the block that contains them.
     - ``targets={name: (layer, side)}``: fully explicit.
     - ``embeddings=True`` also routes the input embedding with layer −1's basis.
+    - a writer whose output reaches the residual stream only through a post-norm (Gemma 2/3,
+      OLMo 2) is refused (:class:`~gradroute.errors.RoutingError`), named or found, unless
+      ``allow_post_norm`` (activation mode, which routes the norm's output instead).
     - ``route_bias``: route writers' biases too (default: when every writer has one).
     """
     from .model import unwrap_model
@@ -193,20 +197,24 @@ def build_plan(
     def basis_for(position: int) -> int | None:
         return _nearest_layer(position, int_layers, spread)
 
-    block_info = None
-    if int_layers or (targets is not None and not isinstance(targets, Mapping)):
-        from .model import block_io_modules, decoder_layers_path
+    from .model import block_io_modules, decoder_layers_path
 
+    prefix: str | None = None  # the decoder blocks' path: a module's block index comes from its name
+    if int_layers or targets is not None:
         try:
-            block_info = block_io_modules(model)
             prefix = decoder_layers_path(model) + "."
         except UnknownLayerError:
-            if int_layers:
+            if int_layers and targets is None:
                 raise
-            block_info, prefix = None, ""
+    # the writers and readers, traced from the dataflow: needed to choose modules by side (never
+    # when every target is named with its layer and side)
+    block_info = None
+    if (targets is None and int_layers) or (targets is not None and not isinstance(targets, Mapping)
+                                             and side == "both" and prefix is not None):
+        block_info = block_io_modules(model)
 
     def block_of(name: str) -> int | None:
-        if block_info is None or not name.startswith(prefix):
+        if prefix is None or not name.startswith(prefix):
             return None
         head = name[len(prefix):].split(".", 1)[0]
         return int(head) if head.isdigit() else None
@@ -303,6 +311,17 @@ def build_plan(
             )
         chosen.append((name, layer, "embed", None))
 
+    if not allow_post_norm and any(s == "write" for _, _, s, _ in chosen):
+        from .model import post_norm_writers
+
+        behind = {n: norm for n, norm in post_norm_writers(model).items() if any(c[0] == n for c in chosen)}
+        if behind:
+            name, norm = next(iter(behind.items()))
+            raise RoutingError(
+                f"{name!r}'s output reaches the residual stream only through the post-norm {norm!r} (g ⊙ y / rms(y)), "
+                f"so its weights do not live in the residual basis: splitting them by U routes the wrong space "
+                f"({len(behind)} such writer(s) among the targets).",
+                "use mode='activation' with post_norm='first_order' for this model (README: model families).")
     out: list[RouteTarget] = []
     writers_with_bias = []
     for name, layer, s, b in chosen:
