@@ -10,7 +10,7 @@ import torch
 
 import gradroute as gr
 from gradroute import projection as P
-from gradroute.errors import ConfigError, RoutingError
+from gradroute.errors import AdapterError, ConfigError, RoutingError
 from gradroute.model import residual_hooks
 from gradroute.router.modes.activation import ADAPTERS_ATTR
 from gradroute.testing import tiny_lm
@@ -347,3 +347,76 @@ def test_gpt2_broadcast_position_embedding_is_attributed_per_row(envs_at):
         for m in G:
             ref = G_ref[m][0]
             assert float((G[m][e] - ref).norm()) <= 1e-5 * max(float(ref.norm()), 1e-12), (m, name)
+
+
+# ------------------------------------------------------------------ post-norm and mixture-of-experts writes
+def _tiny_hf(family: str):
+    import transformers as T
+
+    base = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
+    cfg, cls = {
+        "gemma2": (T.Gemma2Config(**base), T.Gemma2ForCausalLM),
+        "qwen3_moe": (T.Qwen3MoeConfig(**base, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                       decoder_sparse_step=1), T.Qwen3MoeForCausalLM),
+    }[family]
+    torch.manual_seed(0)
+    return cls(cfg)
+
+
+def test_post_norm_writers_are_refused_by_default_and_routed_to_first_order_on_request(tmp_path):
+    model = _tiny_hf("gemma2")
+    sub = gr.Subspace.from_directions({1: torch.randn(2, 64, generator=torch.Generator().manual_seed(0))})
+    for mode in ("update", "gradient", "activation"):
+        with pytest.raises(RoutingError, match="post_attention_layernorm") as e:
+            gr.GradientRouter(model, sub, mode=mode, check_provenance=False)
+        assert "Fix:" in str(e.value) and "post_norm='first_order'" in str(e.value)
+    # naming the writers by hand does not get around it in the weight-splitting modes
+    with pytest.raises(RoutingError, match="post-norm"):
+        gr.GradientRouter(model, sub, mode="update", targets=["model.layers.1.self_attn.o_proj"],
+                          check_provenance=False)
+    with pytest.raises(ConfigError, match="post_norm"):
+        gr.GradientRouter(model, sub, mode="activation", post_norm="approximately", check_provenance=False)
+    router = gr.GradientRouter(model, sub, mode="activation", post_norm="first_order", check_provenance=False)
+    assert set(router.mode_strategy.post_norm) == {"model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj",
+                                                   "model.layers.1.self_attn.o_proj", "model.layers.1.mlp.down_proj"}
+    with pytest.raises(AdapterError, match="post-norm write"):
+        gr.save_adapter(router, tmp_path / "a")
+    router.save_state(tmp_path / "state")  # the option travels with the state
+    router.detach()
+    again = gr.GradientRouter.from_state(model, tmp_path / "state", check_provenance=False)
+    assert again.mode_strategy.options["post_norm"] == "first_order" and again.mode_strategy.post_norm
+
+
+def test_mixture_of_experts_blocks_are_routed_through_their_output(tmp_path):
+    model = _tiny_hf("qwen3_moe")
+    sub = gr.Subspace.from_directions({1: torch.randn(2, 64, generator=torch.Generator().manual_seed(0))})
+    with pytest.raises(RoutingError, match=r"'model.layers.0.mlp' .*fused expert parameters"):
+        gr.GradientRouter(model, sub, mode="update", check_provenance=False)
+    x = torch.randint(3, 100, (2, 8))
+    plain = model(input_ids=x).logits.detach()
+    router = gr.GradientRouter(model, sub, mode="activation", check_provenance=False)
+    assert "model.layers.1.mlp.gradroute_write" in router.plan.modules
+    experts = model.model.layers[1].mlp.experts.down_proj
+    pinned = [b for b in router.mode_strategy.pinned if b.param is experts]
+    assert len(pinned) == 1 and pinned[0].axis == 1  # (E, d, ffn): the stream is axis 1
+    assert torch.equal(model(input_ids=x).logits, plain)  # forward unchanged at init
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    router.bind_optimizer(opt)
+    before = P.coords(experts.detach().double(), router.basis("model.layers.1.mlp.gradroute_write").double(), 1)
+    for _ in range(2):
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        router.step()
+        opt.zero_grad()
+    after = P.coords(experts.detach().double(), router.basis("model.layers.1.mlp.gradroute_write").double(), 1)
+    assert float((after - before).abs().max()) <= 1e-6 * float(before.abs().max())  # the experts keep Ũᵀ D_e
+    assert router.adapter_norm().total > 0
+    with pytest.raises(AdapterError, match="mixture-of-experts"):
+        gr.save_adapter(router, tmp_path / "a")
+    model.save_pretrained(tmp_path / "m")
+    from safetensors.torch import load_file
+
+    assert not any("gradroute" in k for k in load_file(str(tmp_path / "m" / "model.safetensors")))
+    router.detach()
+    assert not hasattr(model.model.layers[1].mlp, "gradroute_write")

@@ -122,7 +122,7 @@ def _imports(path: Path) -> list[tuple[str, str | None, bool]]:
 def _core_files() -> list[Path]:
     core = []
     for name in CORE + ("gradroute.layers", "gradroute.errors", "gradroute.distributed", "gradroute._io",
-                        "gradroute.probe", "gradroute.testing"):
+                        "gradroute.probe"):
         p = SRC.parent / Path(*name.split("."))
         core += sorted(p.rglob("*.py")) if p.is_dir() else [p.with_suffix(".py")]
     return [p for p in core if p.is_file()]

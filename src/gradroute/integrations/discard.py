@@ -98,6 +98,11 @@ def _save_lora(router: GradientRouter, pm: Any, path: Path, env: str | None, bas
     keep_persona = not router.weights_hold_adapter
     if keep_persona and env is None:
         return _write_lora(path, cfg, user, {}, base_name, router, env)
+    problem = router.mode_strategy.export_problem()
+    if problem is not None:
+        raise AdapterError(f"{problem}, so the other environments' shares cannot be kept in a PEFT LoRA.",
+                           "discard the whole adapter (env=None), or router.discard(env=...) and save the model "
+                           "with its adapters in the router state (router.save_state).")
     if not keep_persona and any(router.adapter_bias_coords(t.module) is not None for t in router.plan):
         raise AdapterError("the persona adapter has a bias part, which a bias-free LoRA cannot subtract.",
                            "route with route_bias=False for LoRA policies.")

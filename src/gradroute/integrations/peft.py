@@ -134,6 +134,12 @@ def save_adapter(router: GradientRouter, path: str | Path, env: str | None = Non
     """
     if base not in ("modules", "model", "none"):
         raise AdapterError(f"base must be 'modules', 'model' or 'none', got {base!r}.", "pass one of those.")
+    problem = router.mode_strategy.export_problem()
+    if problem is not None:
+        raise AdapterError(f"{problem}: a PEFT file would load as a different model.",
+                           "keep the adapter in the router's state (router.save_state(path), or the checkpoints "
+                           "gradroute writes), discard it (router.discard(), gr.save_discarded(router, path)), or "
+                           "merge it (router.merge()) before saving the model.")
     if lora_bias not in LORA_BIAS_MODES:
         raise AdapterError(f"lora_bias must be one of {LORA_BIAS_MODES}, got {lora_bias!r}.",
                            "pass 'keep' (PEFT only), 'fold' (bias-free adapter, bias delta kept in the base) or "

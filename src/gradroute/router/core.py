@@ -81,7 +81,9 @@ class GradientRouter:
     in-subspace residue the base weights must stay under (default: what the weights' dtype can
     hold); ``attribution``/``envs`` turn on per-environment attribution; ``check_provenance``
     warns (:class:`~gradroute.errors.GradrouteWarning`) when the subspace's provenance names
-    another model (:meth:`Subspace.provenance_mismatch`).
+    another model (:meth:`Subspace.provenance_mismatch`); ``post_norm="first_order"`` lets
+    activation mode route post-norm branches (Gemma 2/3, OLMo 2), which it isolates only to first
+    order (:mod:`~gradroute.router.modes.activation`); by default they are refused.
     """
 
     def __init__(
@@ -105,6 +107,7 @@ class GradientRouter:
         attribution: bool = False,
         envs: list[str] | None = None,
         check_provenance: bool = True,
+        post_norm: str = "refuse",
     ):
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {tuple(MODES)}, got {mode!r}.",
@@ -112,6 +115,10 @@ class GradientRouter:
         if precision not in ("float64", "float32"):
             raise ConfigError(f"precision must be 'float64' or 'float32', got {precision!r}.",
                               "use 'float64' (exact bookkeeping) or 'float32'.")
+        if post_norm not in ("refuse", "first_order"):
+            raise ConfigError(f"post_norm must be 'refuse' or 'first_order', got {post_norm!r}.",
+                              "pass post_norm='first_order' to route post-norm branches in activation mode "
+                              "(isolation to first order), or leave the default.")
         mode_cls: type[RoutingMode] = MODES[mode]
         if adapter_lr_multiplier is None:
             adapter_lr_multiplier = getattr(mode_cls, "default_lr_multiplier", 1.0)
@@ -129,7 +136,8 @@ class GradientRouter:
             self._check_provenance(base)
         self.plan: RoutingPlan
         self.plan, self.routing_subspace = mode_cls.plan(
-            base, subspace, side=side, targets=targets, embeddings=embeddings, spread=spread, route_bias=route_bias)
+            base, subspace, side=side, targets=targets, embeddings=embeddings, spread=spread, route_bias=route_bias,
+            post_norm=post_norm)
         modules = dict(base.named_modules())
         self.precision = getattr(torch, precision)
         self.routes_state = [Route(t, modules[t.module], self.routing_subspace.basis(t.layer), self.precision)
@@ -157,7 +165,7 @@ class GradientRouter:
                               optimizer=lambda: self.optimizer)
         self.mode_strategy: RoutingMode = mode_cls(context, {
             "adapter_lr": adapter_lr, "adapter_lr_multiplier": float(adapter_lr_multiplier),
-            "adapter_weight_decay": adapter_weight_decay, "adapter_betas": adapter_betas})
+            "adapter_weight_decay": adapter_weight_decay, "adapter_betas": adapter_betas, "post_norm": post_norm})
         self.mode_strategy.setup()
         self.attribution = None
         if attribution or envs is not None:

@@ -25,6 +25,28 @@ is the optimizer's times ``adapter_lr_multiplier`` (or ``adapter_lr``), applied 
 scaling each step's adapter update (``C ← C_prev + m (C − C_prev)``, exact for SGD, momentum,
 Adam and AdamW, whose state does not depend on the learning rate). Discarding zeroes C: the
 model is then exactly its base. On save the adapter is a plain PEFT LoRA (B = Ũ, A = C).
+
+**Post-norm branches** (Gemma 2/3, OLMo 2; only with ``post_norm="first_order"``, refused
+otherwise): the write is the post-norm's output
+``w = g ⊙ y / rms(y)`` of the writer's output y. The detach and the adapter act on w (the
+adapter's input is still the writer's input x); the writer's base weight keeps its initial
+coordinates along ``V = orth(diag(g) Ũ)`` (the directions whose change reaches Ũᵀw), and the
+post-norm's gain g is held at its initial value while routing. Then, for fixed branch inputs,
+``Ũᵀ w_base = Ũᵀ diag(g) W x / rms(W x)`` keeps its numerator exactly; only the shared per-token
+``rms`` moves with the writer's out-of-span change: ``Ũᵀ Δw_base = −(Ũᵀw)·Δrms/rms``, a leak of
+first order in the step (measured in ``benchmarks/architecture_zoo.py``). Exact isolation would
+need the initial writer's output ``W_0 x`` in every forward (a frozen copy of the writers), and
+the discarded model would then not be plain weights: this mode keeps plain weights instead.
+Such an adapter adds after the norm, so it is not a PEFT LoRA on the writer: saving it as one
+is refused.
+
+**Mixture-of-experts blocks** (Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE): the write is the block's
+output (the gated sum of its experts and shared experts). The detach and the adapter act on it
+(the adapter reads the block's input); the base keeps ``Ũᵀ D_e`` of every expert's down
+projection (fused ``(E, d, ffn)``), its bias, and the shared experts' down projections at their
+initial values, so for fixed gates and inputs the base's write keeps its in-span part exactly.
+The gate is a reader. In the plan the block's write appears as ``<block>.gradroute_write``, a
+frozen stand-in Linear; the adapter is not a PEFT LoRA (saving it as one is refused).
 """
 
 from __future__ import annotations
@@ -43,6 +65,18 @@ from ..route import CoordBlock, Route
 from .base import RoutingMode
 
 ADAPTERS_ATTR = "gradroute_adapters"
+WRITE_ATTR = "gradroute_write"  # the stand-in writer registered on a mixture-of-experts block
+
+
+class _StandIn(nn.Linear):
+    """A frozen zero Linear (d → d) standing for a mixture-of-experts block's write in the plan
+    and the state file: the adapter reads the block's input and adds into its output, the
+    block's expert down projections are what the base pins. Never called; not saved."""
+
+    def __init__(self, d: int, dtype: torch.dtype, device: torch.device):
+        super().__init__(d, d, bias=False, dtype=dtype, device=device)
+        nn.init.zeros_(self.weight)
+        self.weight.requires_grad_(False)
 
 
 class _RemoveSpanGrad(torch.autograd.Function):
@@ -93,7 +127,8 @@ class ActivationMode(RoutingMode):
     # ------------------------------------------------------------------ plan
     @classmethod
     def plan(cls, model: nn.Module, subspace: Any, *, side: str = "write", targets: Any = None,
-             embeddings: bool = False, spread: int = 0, route_bias: bool | None = None) -> tuple[RoutingPlan, Any]:
+             embeddings: bool = False, spread: int = 0, route_bias: bool | None = None,
+             post_norm: str = "refuse") -> tuple[RoutingPlan, Any]:
         from ...subspace import Subspace
 
         if side != "write":
@@ -109,8 +144,19 @@ class ActivationMode(RoutingMode):
             raise ConfigError(
                 f"mode='activation' needs residual-stream layers (integers), got {list(subspace.layers)}.",
                 "build the subspace on residual layers (Subspace.from_probe / from_sae on resid_post hooks).")
-        emb, writers = residual_writes(model)
+        experts: dict[str, list[tuple[str, int]]] = {}
+        emb, writers = residual_writes(model, post_norm={} if post_norm == "first_order" else None, experts=experts)
         spans = cumulative_spans(subspace, [EMBEDDINGS] + list(range(len(writers))))
+        if experts:  # a stand-in writer on each routed mixture-of-experts block (blocks up to the last span)
+            base = unwrap_model(model)
+            ref = next(base.parameters())
+            d = base.get_input_embeddings().weight.shape[1]
+            for i, names in enumerate(writers):
+                for name in (n for n in names if n in experts and i in spans):
+                    block = base.get_submodule(name)
+                    if not isinstance(getattr(block, WRITE_ATTR, None), _StandIn):
+                        block.add_module(WRITE_ATTR, _StandIn(d, ref.dtype, ref.device))
+            writers = [[f"{n}.{WRITE_ATTR}" if n in experts else n for n in names] for names in writers]
         derived = Subspace.from_directions({p: U.T for p, U in spans.items()}, on_degenerate="drop")
         explicit: dict[str, tuple[int, str]] = {n: (EMBEDDINGS, "embed") for n in emb}
         for i, names in enumerate(writers):
@@ -120,12 +166,12 @@ class ActivationMode(RoutingMode):
 
         with warnings.catch_warnings():  # a frozen writer (LoRA policy) is routed through its output
             warnings.filterwarnings("ignore", message=".*is frozen.*")
-            plan = build_plan(model, derived, targets=explicit, route_bias=False)
+            plan = build_plan(model, derived, targets=explicit, route_bias=False, allow_post_norm=True)
         return plan, derived
 
     @classmethod
     def rebuild_options(cls, meta: dict[str, Any]) -> dict[str, Any]:
-        return {}
+        return {"post_norm": (meta.get("mode_state") or {}).get("post_norm", "refuse")}
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -142,7 +188,30 @@ class ActivationMode(RoutingMode):
         self.params: dict[str, nn.Parameter] = {}
         self.pinned: list[CoordBlock] = []
         self.prev: dict[str, torch.Tensor] = {}
+        self.post_norm: dict[str, nn.Module] = {}  # writer -> the post-norm whose output is its write
+        post: dict[str, str] = {}
+        experts: dict[str, list[tuple[str, int]]] = {}
+        residual_writes(base, post_norm=post if o.get("post_norm") == "first_order" else None, experts=experts)
+        self.moe: dict[str, nn.Module] = {}  # stand-in route -> the mixture-of-experts block it stands for
+        modules = dict(base.named_modules())
+        self.gains: list[tuple[nn.Parameter, torch.Tensor]] = []  # post-norm gains, held while routing
         for r in self.ctx.routes:
+            pin = r
+            if r.name.endswith(f".{WRITE_ATTR}") and r.name[: -len(WRITE_ATTR) - 1] in experts:
+                block_name = r.name[: -len(WRITE_ATTR) - 1]
+                block = modules[block_name]
+                self.moe[r.name] = block
+                for pname, axis in experts[block_name]:
+                    param = block.get_parameter(pname)
+                    if param.requires_grad:
+                        self.pinned.append(CoordBlock(param, axis, r))
+            elif r.name in post:
+                norm = modules[post[r.name]]
+                self.post_norm[r.name] = norm
+                pin = self._oblique_route(r, norm)
+                g = norm.weight
+                if isinstance(g, nn.Parameter) and g.requires_grad:
+                    self.gains.append((g, g.detach().clone()))
             t = r.target
             dtype = torch.float64 if r.weight.dtype == torch.float64 else torch.float32
             p = nn.Parameter(torch.zeros(t.adapter_shape, dtype=dtype, device=dev))
@@ -151,24 +220,64 @@ class ActivationMode(RoutingMode):
             self.prev[r.name] = r.blocks[0].adapter.clone()
             # the user's LoRA B first (the weight block reads W + s·B·A), then the module's own
             # trainable parameters; frozen ones never move, so they are never touched
-            self.pinned += self._user_lora_blocks(r)
-            if r.weight.requires_grad:
-                self.pinned.append(r.blocks[0])
+            self.pinned += self._user_lora_blocks(r, pin)
+            if r.weight.requires_grad and r.name not in self.moe:
+                self.pinned.append(pin.blocks[0])
             wm_bias = getattr(r.module if not hasattr(r.module, "base_layer") else r.module.base_layer, "bias", None)
             if isinstance(wm_bias, nn.Parameter) and wm_bias.requires_grad:
-                self.pinned.append(CoordBlock(wm_bias, 0, r))
+                self.pinned.append(CoordBlock(wm_bias, 0, pin))
         base.add_module(ADAPTERS_ATTR, container)
         # saved models hold the base; the adapter is saved as a PEFT LoRA (and in checkpoints'
         # router state), so keep its parameters out of save_pretrained's state dict
-        keys = {f"{ADAPTERS_ATTR}.coords.{k}" for k in container.coords}
+        keys = {f"{ADAPTERS_ATTR}.coords.{k}" for k in container.coords} | {f"{n}.weight" for n in self.moe}
         base._keys_to_ignore_on_save = set(getattr(base, "_keys_to_ignore_on_save", None) or ()) | keys
         self.container = container
         self.nonzero = False  # no-grad forwards skip the adapters while they are exactly zero
         self.attribution: Any = None
-        self.handles = [r.module.register_forward_hook(self._hook(r)) for r in self.ctx.routes]
+        if self.post_norm:
+            import warnings
+
+            from ...errors import GradrouteWarning
+
+            warnings.warn(
+                f"{len(self.post_norm)} writes pass through a post-norm (e.g. {next(iter(self.post_norm.values())).__class__.__name__} "
+                f"after {next(iter(self.post_norm))!r}): activation routing isolates them only to first order (the "
+                "base's write drifts into the span through the per-token rms; measured in the README's model "
+                "families table), so discarding the adapter does not remove everything training put there.",
+                GradrouteWarning, stacklevel=4)
+        self._inputs: dict[str, torch.Tensor] = {}  # a post-norm writer's input, for the norm's hook
+        self.handles = []
+        for r in self.ctx.routes:
+            if r.name in self.moe:
+                self.handles.append(self.moe[r.name].register_forward_hook(self._hook(r), with_kwargs=True))
+            elif r.name in self.post_norm:
+                self.handles.append(r.module.register_forward_hook(self._keep_input(r)))
+                self.handles.append(self.post_norm[r.name].register_forward_hook(self._hook(r)))
+            else:
+                self.handles.append(r.module.register_forward_hook(self._hook(r)))
         self._checked_optimizer = False
 
-    def _user_lora_blocks(self, r: Route) -> list[CoordBlock]:
+    @staticmethod
+    def _oblique_route(r: Route, norm: nn.Module) -> Route:
+        """The writer seen through ``V = orth(diag(g) Ũ)``: its weight's coordinates along V are
+        what reaches the write's persona coordinates through the post-norm with gain g (read
+        off the norm itself: ``norm(1) = g / sqrt(1 + eps)``, so any normalization convention)."""
+        with torch.no_grad():
+            w = norm.weight
+            g = norm(torch.ones(1, w.shape[0], dtype=w.dtype, device=w.device)).reshape(-1).double()
+            V, _ = P.orthonormalize((g[:, None] * r.basis().double()).T, on_degenerate="drop")
+        if V.shape[1] != r.basis().shape[1]:
+            raise ConfigError(f"the post-norm gain after {r.name!r} is zero on the persona directions, so they "
+                              "never reach the residual stream.", "check the model's weights.")
+        return Route(r.target, r.module, V, r.dtype)
+
+    def _keep_input(self, r: Route):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if args and torch.is_tensor(args[0]):
+                self._inputs[r.name] = args[0]
+        return hook
+
+    def _user_lora_blocks(self, r: Route, pin: Route) -> list[CoordBlock]:
         """The user's LoRA on this writer: its B's in-span coordinates are kept at zero."""
         out = []
         for attr in ("lora_B", "lora_embedding_B"):
@@ -177,7 +286,7 @@ class ActivationMode(RoutingMode):
                 continue
             for name in list(holder.keys()):
                 w = holder[name].weight if isinstance(holder[name], nn.Module) else holder[name]
-                blk = CoordBlock(w, 0, r)
+                blk = CoordBlock(w, 0, pin)
                 blk.lora = True  # type: ignore[attr-defined]
                 blk.ref0 = torch.zeros_like(blk.ref0)
                 blk.set_coords(blk.ref0)  # PEFT initializes B = 0: a no-op then
@@ -186,9 +295,23 @@ class ActivationMode(RoutingMode):
 
     def resync(self, route: Route) -> None:
         for blk in self.pinned:  # edits outside steps (a checkpoint load) belong to the base
-            if blk.route is route and not getattr(blk, "lora", False):
+            if blk.route.name == route.name and not getattr(blk, "lora", False):
                 blk.ref0 = blk.coords()
+        if route.name in self.post_norm:
+            g = self.post_norm[route.name].weight
+            self.gains = [(p, p.detach().clone() if p is g else p0) for p, p0 in self.gains]
         route.version = route.versions()
+
+    def export_problem(self) -> str | None:
+        if self.moe:
+            some = sorted(self.moe)[:2]
+            return (f"the persona adapter of a mixture-of-experts write ({', '.join(some)}"
+                    f"{', ...' if len(self.moe) > 2 else ''}) adds to the block's output, so it is not a PEFT LoRA")
+        if not self.post_norm:
+            return None
+        some = sorted(self.post_norm)[:2]
+        return (f"the persona adapter of a post-norm write ({', '.join(some)}{', ...' if len(self.post_norm) > 2 else ''}) "
+                "adds after the norm, so it is not a PEFT LoRA on the writer")
 
     def probe_layers(self) -> dict[Any, torch.Tensor]:
         # the routes use the cumulative spans; the monitor watches the persona layers themselves
@@ -219,8 +342,11 @@ class ActivationMode(RoutingMode):
         base = unwrap_model(self.ctx.model)
         if getattr(base, ADAPTERS_ATTR, None) is self.container:
             delattr(base, ADAPTERS_ATTR)
-            keys = {f"{ADAPTERS_ATTR}.coords.{k}" for k in self.container.coords}
+            keys = {f"{ADAPTERS_ATTR}.coords.{k}" for k in self.container.coords} | {f"{n}.weight" for n in self.moe}
             base._keys_to_ignore_on_save = set(base._keys_to_ignore_on_save or ()) - keys
+        for block in self.moe.values():  # the stand-ins go with the routing
+            if isinstance(getattr(block, WRITE_ATTR, None), _StandIn):
+                delattr(block, WRITE_ATTR)
 
     # ------------------------------------------------------------------ forward hook
     def _hook(self, r: Route):
@@ -228,14 +354,25 @@ class ActivationMode(RoutingMode):
         U32 = r.basis32()
         name = r.name
 
-        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+        post = name in self.post_norm
+        moe = name in self.moe
+
+        def hook(module: nn.Module, args: tuple, *rest: Any) -> Any:
+            output = rest[-1]  # (output,), or (kwargs, output) for a hook registered with_kwargs
+            if moe and isinstance(output, tuple) and output and torch.is_tensor(output[0]):
+                new = hook(module, args, *rest[:-1], output[0])  # (hidden, router logits): route the hidden part
+                return None if new is None else (new, *output[1:])
             if not torch.is_tensor(output):
                 return None
-            x = args[0] if args else None
+            if moe:
+                x = args[0] if args else rest[0].get("hidden_states")
+            else:
+                x = self._inputs.pop(name, None) if post else (args[0] if args else None)
             grad = torch.is_grad_enabled()
             if not grad and not self.nonzero:
                 return None
-            U = U32 if U32.device == output.device else U32.to(output.device)
+            U = r.basis() if output.dtype == torch.float64 else U32  # float64 weights: a float64 detach
+            U = U if U.device == output.device else U.to(output.device)
             y = _RemoveSpanGrad.apply(output, U) if grad and output.requires_grad else output
             C = self.params[name]
             if x is None:
@@ -243,7 +380,7 @@ class ActivationMode(RoutingMode):
             xin = x.detach()
             out = y + orient.delta_forward(xin, C.to(output.dtype), U.to(output.dtype))
             if grad and self.attribution is not None and out.requires_grad:
-                per_row = self.attribution.capture(r, xin, out, module)  # a broadcast embedding comes back per row
+                per_row = self.attribution.capture(r, xin, out, r.module)  # a broadcast embedding comes back per row
                 out = out if per_row is None else per_row
             return out
         return hook
@@ -290,6 +427,8 @@ class ActivationMode(RoutingMode):
             self.prev[r.name] = new.clone()
         for blk in self.pinned:               # the base never moves inside the span
             blk.set_coords(blk.ref0)
+        for g, g0 in self.gains:              # post-norm gains are held while routing
+            g.copy_(g0)
         self.nonzero = True  # after a step the adapters may hold something (exact again after discard/merge/load)
         return deltas
 
@@ -318,6 +457,9 @@ class ActivationMode(RoutingMode):
         self.nonzero = any(bool(p.abs().max() > 0) for p in self.params.values())
 
     # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return {}, {"post_norm": self.options.get("post_norm", "refuse")}
+
     @torch.no_grad()
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         for r in self.ctx.routes:

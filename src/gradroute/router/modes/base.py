@@ -57,6 +57,7 @@ class RoutingMode:
     @classmethod
     def plan(cls, model: torch.nn.Module, subspace: Any, **kwargs: Any) -> tuple[RoutingPlan, Any]:
         """(plan, routing subspace): the subspace whose bases the routes use."""
+        kwargs.pop("post_norm", None)  # post-norm writes are refused by the plan's tracer in this mode
         return build_plan(model, subspace, **kwargs), subspace
 
     @classmethod
@@ -87,6 +88,10 @@ class RoutingMode:
 
     def remove(self) -> None:
         """Remove the mode's model hooks (the adapter state stays)."""
+
+    def export_problem(self) -> str | None:
+        """Why this mode's adapter cannot be written as a PEFT LoRA (None: it can)."""
+        return None
 
     def update_optimizer(self) -> torch.optim.Optimizer | None:
         """The optimizer whose update the adapter's coordinates follow (for attribution)."""
