@@ -539,19 +539,20 @@ def _post_norm_writer(t: dict[str, Any], i: int, norm: str) -> str | None:
 def expert_writers(module: nn.Module, d: int) -> list[tuple[str, int]] | None:
     """The parameters inside a mixture-of-experts block that write the residual stream, with
     the axis of each that indexes it: fused expert down projections ``(E, d, ffn)`` (axis 1, as
-    ``F.linear(h, down_proj[e])`` uses them), their biases ``(E, d)`` (axis 1), and the down
-    projections of shared experts (Linear ``(d, ffn)``, axis 0, and bias ``(d,)``). None when the
-    block holds no such parameter or one whose layout is ambiguous (e.g. ``(E, ffn, d)``)."""
+    ``F.linear(h, down_proj[e])`` uses them) or ``(E, ffn, d)`` (axis 2, gpt-oss's ``h @ W_e``),
+    their biases ``(E, d)`` (axis 1), and the down projections of shared experts (Linear
+    ``(d, ffn)``, axis 0, and bias ``(d,)``). None when the block holds no such parameter, or one
+    whose layout is ambiguous (``ffn == d``)."""
     out: list[tuple[str, int]] = []
     for name, p in module.named_parameters():
         leaf = name.split(".")[-1]
         owner = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
         if "down" not in name:
             continue
-        if p.ndim == 3:
-            if p.shape[1] != d or p.shape[2] == d:
-                return None  # not (E, d, ffn), or not telling which axis is the stream's
-            out.append((name, 1))
+        if p.ndim == 3:  # (E, d, ffn) used as F.linear(h, W_e), or (E, ffn, d) used as h @ W_e
+            if (p.shape[1] == d) == (p.shape[2] == d):
+                return None  # neither axis, or both, has the stream's size: the layout is not telling
+            out.append((name, 1 if p.shape[1] == d else 2))
         elif p.ndim == 2 and "bias" in leaf and p.shape[1] == d:
             out.append((name, 1))
         elif isinstance(owner, nn.Linear) and leaf == "weight" and p.shape[0] == d:
@@ -666,8 +667,8 @@ def residual_writes(model: nn.Module, post_norm: dict[str, str] | None = None,
                            + (" or a mixture-of-experts block's" if experts is not None else "") + ", but: "
                            + "; ".join(problems) + ".",
                            "route a dense pre-norm or post-norm family (Llama, Qwen2/3, Mistral, Phi-3, GPT-2, GPT-NeoX, "
-                           "Gemma 2/3, OLMo 2 with post_norm='first_order', mixture-of-experts blocks with fused "
-                           "(E, d, ffn) experts) (README: model families).")
+                           "Gemma 2/3, OLMo 2 with post_norm='first_order', mixture-of-experts blocks whose fused "
+                           "experts say which axis is the stream's) (README: model families).")
     return emb or [], writers
 
 

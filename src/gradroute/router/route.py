@@ -44,19 +44,24 @@ class CoordBlock:
         self.adapter = torch.zeros_like(self.ref0)
         self.env: dict[str, torch.Tensor] = {}
 
+    def _split_dim(self, x: torch.Tensor) -> int:
+        """The axis the slabs are cut along: the other axis of a matrix, the experts of ``(E, ·, ·)``."""
+        return 0 if x.ndim == 3 else 1 - self.axis
+
     def _slabs(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Views of ``x`` split along its non-residual axis, each small enough to convert."""
+        """Views of ``x`` split along a non-residual axis, each small enough to convert."""
         if x.ndim == 1:
             return [x]
-        per_slab = max(1, self.CHUNK_BYTES // (8 * x.shape[self.axis]))
-        return list(x.split(per_slab, dim=1 - self.axis))
+        dim = self._split_dim(x)
+        per_slab = max(1, self.CHUNK_BYTES // (8 * max(1, x.numel() // x.shape[dim])))
+        return list(x.split(per_slab, dim=dim))
 
     def coords_of(self, x: torch.Tensor) -> torch.Tensor:
         """``Uᵀ x`` along the block's axis, in the bookkeeping dtype."""
         x = x.detach()
         U, dt = self.route.basis(), self.route.dtype
         parts = [P.coords(sl.to(dt), U, self.axis) for sl in self._slabs(x)]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1 - self.axis)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=self._split_dim(x))
 
     def effective(self) -> torch.Tensor:
         """The parameter the module computes with (``W``, or ``W + s·B·A`` under a user LoRA)."""
