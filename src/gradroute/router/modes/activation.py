@@ -43,8 +43,9 @@ is refused.
 **Mixture-of-experts blocks** (Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE): the write is the block's
 output (the gated sum of its experts and shared experts). The detach and the adapter act on it
 (the adapter reads the block's input); the base keeps ``Ũᵀ D_e`` of every expert's down
-projection (fused ``(E, d, ffn)``, or gpt-oss's ``(E, ffn, d)``), its bias, and the shared experts' down projections at their
-initial values, so for fixed gates and inputs the base's write keeps its in-span part exactly.
+projection (fused ``(E, d, ffn)``, or gpt-oss's ``(E, ffn, d)``), its bias, and the shared
+experts' down projections at their initial values, so for fixed gates and inputs the base's
+write keeps its in-span part exactly.
 The gate is a reader. In the plan the block's write appears as ``<block>.gradroute_write``, a
 frozen stand-in Linear; the adapter is not a PEFT LoRA (saving it as one is refused).
 """
