@@ -564,29 +564,61 @@ def expert_writers(module: nn.Module, d: int) -> list[tuple[str, int]] | None:
     return out if any(module.get_parameter(n).ndim == 3 for n, _ in out) else None  # fused experts: an MoE block
 
 
+@dataclass
+class Write:
+    """One write into the residual stream, as the tracer found it.
+
+    ``kind``: ``"linear"`` (a Linear/Conv1D output; ``name`` is that module), ``"post_norm"``
+    (``name`` is the writer whose output the post-norm ``module`` normalizes), ``"experts"``
+    (``name``/``module`` is a mixture-of-experts block, ``pins`` its expert writers, see
+    :func:`expert_writers`) or ``"other"`` (nothing routable: ``module`` is what writes)."""
+
+    kind: str
+    name: str
+    module: nn.Module
+    pins: list[tuple[str, int]] | None = None
+    norm: str | None = None
+
+
+def _classify(t: dict[str, Any], i: int, d: int) -> list[Write] | None:
+    """Block i's writes, each classified (None: the block's update is not a sum of module outputs)."""
+    found = _block_writes(t, i)
+    if found is None:
+        return None
+    out = []
+    for n in found:
+        mod = t["mods"][i][n]
+        if module_kind(mod) in ("linear", "conv1d"):
+            out.append(Write("linear", n, mod))
+        elif is_norm(mod, n):
+            src = _post_norm_writer(t, i, n)
+            out.append(Write("post_norm", src, mod, norm=n) if src is not None else Write("other", n, mod))
+        else:
+            pins = expert_writers(mod, d)
+            out.append(Write("experts", n, mod, pins=pins) if pins is not None else Write("other", n, mod))
+    return out
+
+
+def _traced(model: nn.Module) -> tuple[nn.Module, dict[str, Any] | None, int]:
+    """(unwrapped model, the trace of one forward pass or None if it failed, hidden size)."""
+    m = unwrap_model(model)
+    blocks = decoder_layers(m)
+    d = model_hidden_size(m)
+    return m, _trace(m, blocks, decoder_layers_path(m) + ".", d), d
+
+
 def post_norm_writers(model: nn.Module) -> dict[str, str]:
     """``{writer: norm}`` for every Linear/Conv1D whose output reaches the residual stream only
     through a post-norm (Gemma 2/3, OLMo 2), found from one traced forward pass; empty when the
     pass fails or there are none."""
-    m = unwrap_model(model)
     try:
-        blocks = decoder_layers(m)
-        prefix = decoder_layers_path(m) + "."
-        d = model_hidden_size(m)
-    except Exception:
+        _, t, d = _traced(model)
+    except UnknownLayerError:
         return {}
-    t = _trace(m, blocks, prefix, d)
     if t is None:
         return {}
-    out: dict[str, str] = {}
-    for i in range(len(blocks)):
-        for n in _block_writes(t, i) or []:
-            mod = t["mods"][i][n]
-            if module_kind(mod) not in ("linear", "conv1d") and is_norm(mod, n):
-                src = _post_norm_writer(t, i, n)
-                if src is not None:
-                    out[src] = n
-    return out
+    return {w.name: w.norm for i in range(len(t["mods"])) for w in (_classify(t, i, d) or [])
+            if w.kind == "post_norm"}  # type: ignore[misc]
 
 
 def _unmatched(i: int, t: dict[str, Any]) -> str:
@@ -596,13 +628,8 @@ def _unmatched(i: int, t: dict[str, Any]) -> str:
             f"(its d-wide Linear/Conv1D modules: {lin})")
 
 
-def _trace_writers(model: nn.Module, blocks: nn.ModuleList, prefix: str, d: int) -> list[list[str] | None] | None:
-    """Writers per block from one forward pass (modules of any kind whose outputs sum to the
-    block's update); None for a block where that fails, None overall if the pass fails."""
-    t = _trace(model, blocks, prefix, d)
-    if t is None:
-        return None
-    return [_block_writes(t, i) for i in range(len(blocks))]
+def _problem(i: int, w: Write, hint: str = "") -> str:
+    return _write_problem(i, w.norm or w.name, w.module, hint)
 
 
 def residual_writes(model: nn.Module, post_norm: dict[str, str] | None = None,
@@ -615,17 +642,12 @@ def residual_writes(model: nn.Module, post_norm: dict[str, str] | None = None,
     ``post_norm[writer] = norm`` records where its write really is. A write that is a
     mixture-of-experts block's output is accepted when ``experts`` is given: the block is listed
     and ``experts[block] = [(parameter, axis), ...]`` names its expert writers
-    (:func:`expert_writers`). Raises
-    :class:`~gradroute.errors.RoutingError` naming what cannot be matched (a block whose update is
-    not a sum of module outputs; a write that is neither a Linear/Conv1D output nor a post-norm of
-    one, as in mixture-of-experts blocks; embeddings that are scaled or normalized before block 0)."""
+    (:func:`expert_writers`). Raises :class:`~gradroute.errors.RoutingError` naming what cannot
+    be matched (a block whose update is not a sum of module outputs; a write of another kind;
+    embeddings that are scaled or normalized before block 0)."""
     from .errors import RoutingError
 
-    m = unwrap_model(model)
-    blocks = decoder_layers(m)
-    prefix = decoder_layers_path(m) + "."
-    d = model_hidden_size(m)
-    t = _trace(m, blocks, prefix, d)
+    m, t, d = _traced(model)
     if t is None:
         raise RoutingError("a forward pass on a few tokens failed, so the residual writes cannot be traced.",
                            "check that model(input_ids=...) runs on this model.")
@@ -634,32 +656,23 @@ def residual_writes(model: nn.Module, post_norm: dict[str, str] | None = None,
     if emb is None:
         problems.append(f"the input of block 0 is not a sum of the embedding outputs {sorted(t['embs'])} "
                         "(is it scaled or normalized before block 0?)")
+    accepted = {"post_norm": post_norm, "experts": experts}
     writers: list[list[str]] = []
-    for i in range(len(blocks)):
-        found = _block_writes(t, i)
-        if found is None:
+    for i in range(len(t["mods"])):
+        writes = _classify(t, i, d)
+        if writes is None:
             problems.append(_unmatched(i, t))
-            found = []
         names = []
-        for n in found:
-            mod = t["mods"][i][n]
-            if module_kind(mod) in ("linear", "conv1d"):
-                names.append(n)
-                continue
-            if not is_norm(mod, n) and experts is not None:
-                found_experts = expert_writers(mod, d)
-                if found_experts is not None:
-                    names.append(n)
-                    experts[n] = found_experts
-                    continue
-            src = _post_norm_writer(t, i, n) if is_norm(mod, n) else None
-            if src is None or post_norm is None:
-                hint = (" (pass post_norm='first_order' to route it: isolation to first order, README: model "
-                        "families)") if src is not None else ""
-                problems.append(_write_problem(i, n, mod, hint))
+        for w in writes or []:
+            sink = accepted.get(w.kind)
+            if w.kind == "linear" or sink is not None:
+                names.append(w.name)
+                if sink is not None:
+                    sink[w.name] = w.norm if w.kind == "post_norm" else w.pins  # type: ignore[assignment]
             else:
-                names.append(src)
-                post_norm[src] = n  # type: ignore[index]
+                hint = (" (pass post_norm='first_order' to route it: isolation to first order, README: model "
+                        "families)") if w.kind == "post_norm" else ""
+                problems.append(_problem(i, w, hint))
         writers.append(names)
     if problems:
         raise RoutingError("activation routing needs every write into the residual stream to be a Linear/Conv1D "
@@ -687,11 +700,7 @@ def block_io_modules(model: nn.Module) -> list[dict[str, list[str]]]:
     """
     from .errors import RoutingError
 
-    m = unwrap_model(model)
-    blocks = decoder_layers(m)
-    prefix = decoder_layers_path(m) + "."
-    d = model_hidden_size(m)
-    t = _trace(m, blocks, prefix, d)
+    m, t, d = _traced(model)
     if t is None:
         raise RoutingError(f"a forward pass of {type(m).__name__} on a few tokens failed, so its residual writers "
                            "cannot be found from the dataflow.",
@@ -699,15 +708,12 @@ def block_io_modules(model: nn.Module) -> list[dict[str, list[str]]]:
                            "targets={module: (layer, side)} naming the modules and layers yourself.")
     problems: list[str] = []
     writers: list[list[str]] = []
-    for i in range(len(blocks)):
-        found = _block_writes(t, i)
-        if found is None:
+    for i in range(len(t["mods"])):
+        writes = _classify(t, i, d)
+        if writes is None:
             problems.append(_unmatched(i, t))
-            found = []
-        for n in found:
-            if module_kind(t["mods"][i][n]) not in ("linear", "conv1d"):
-                problems.append(_write_problem(i, n, t["mods"][i][n], ""))
-        writers.append(found)
+        problems += [_problem(i, w) for w in writes or [] if w.kind != "linear"]
+        writers.append([w.name for w in writes or [] if w.kind == "linear"])
     if problems:
         raise RoutingError(
             "the residual writers of " + type(m).__name__ + " cannot be routed by splitting Linear weights: "
@@ -715,6 +721,8 @@ def block_io_modules(model: nn.Module) -> list[dict[str, list[str]]]:
             "use mode='activation', which routes mixture-of-experts blocks exactly and post-norm branches (Gemma 2/3, "
             "OLMo 2) to first order with post_norm='first_order'; update and gradient modes route dense pre-norm "
             "families only (Llama, Qwen2/3, Mistral, Phi-3, GPT-2, GPT-NeoX; README: model families).")
+    blocks = decoder_layers(m)
+    prefix = decoder_layers_path(m) + "."
     out = []
     for i, b in enumerate(blocks):
         cands = _candidates(b, f"{prefix}{i}.")

@@ -78,11 +78,17 @@ class RouteTarget:
 
 
 class RoutingPlan:
-    """An ordered, inspectable list of :class:`RouteTarget`."""
+    """An ordered, inspectable list of :class:`RouteTarget`.
 
-    def __init__(self, targets: Iterable[RouteTarget], subspace_hash: str):
+    ``writes``: for a target whose write into the residual stream is not its own output, where
+    the write really is — ``{"post_norm": {writer: norm}, "experts": {block: [(param, axis)]}}``
+    (activation mode; :func:`gradroute.model.residual_writes`)."""
+
+    def __init__(self, targets: Iterable[RouteTarget], subspace_hash: str,
+                 writes: Mapping[str, Mapping[str, Any]] | None = None):
         self.targets: tuple[RouteTarget, ...] = tuple(targets)
         self.subspace_hash = subspace_hash
+        self.writes: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (writes or {}).items()}
         names = [t.module for t in self.targets]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
@@ -311,10 +317,12 @@ def build_plan(
             )
         chosen.append((name, layer, "embed", None))
 
-    if not allow_post_norm and any(s == "write" for _, _, s, _ in chosen):
+    # writers found by the tracer (block_info) were checked there; named ones are checked here
+    named = [c[0] for c in chosen if c[2] == "write" and (block_info is None or c[3] is None)]
+    if not allow_post_norm and named:
         from .model import post_norm_writers
 
-        behind = {n: norm for n, norm in post_norm_writers(model).items() if any(c[0] == n for c in chosen)}
+        behind = {n: norm for n, norm in post_norm_writers(model).items() if n in named}
         if behind:
             name, norm = next(iter(behind.items()))
             raise RoutingError(

@@ -17,14 +17,13 @@ from typing import Any
 
 from .monitor import (
     LOG_NAME,
-    Crossing,
     RunLogView,
+    crossing_from_json,
     last_clean_checkpoint,
     load_log,
     read_log,
     read_records,
     resolve_path,
-    violation_from_json,
 )
 
 # one style per event type, shared by every figure and its legend
@@ -165,9 +164,8 @@ def fired_layer(log: RunLogView | list[dict[str, Any]]) -> tuple[str, str] | Non
     if isinstance(log, RunLogView):
         halts, crossings = log.halts, log.crossings
     else:
-        halts = [Crossing(violation_from_json(e), True, bool(e.get("superseded"))) for e in log if e["type"] == "halt"]
-        crossings = [Crossing(violation_from_json(e), e.get("action") == "stop", bool(e.get("superseded")))
-                     for e in log if e["type"] == "crossing"]
+        halts = [crossing_from_json(e) for e in log if e["type"] == "halt"]
+        crossings = [crossing_from_json(e) for e in log if e["type"] == "crossing"]
     for c in [*halts, *[c for c in crossings if not c.superseded], *crossings]:
         if c.violation.env is not None and c.violation.layer is not None:
             return c.violation.env, str(c.violation.layer)

@@ -23,6 +23,7 @@ from .runlog import (
     Crossing,
     RunLog,
     RunLogView,
+    crossing_from_json,
     load_log,
     read_log,
     read_records,
@@ -32,7 +33,7 @@ from .runlog import (
 )
 
 __all__ = [
-    "LOG_NAME", "Crossing", "DriftMonitor", "RunLog", "RunLogView", "checkpoint_problem", "last_clean_checkpoint",
+    "LOG_NAME", "Crossing", "DriftMonitor", "RunLog", "RunLogView", "checkpoint_problem", "crossing_from_json", "last_clean_checkpoint",
     "last_complete_checkpoint", "load_log", "read_log", "read_records", "relative_path", "resolve_path",
     "step_from_json", "step_metrics", "step_to_json", "violation_from_json",
 ]

@@ -262,6 +262,13 @@ class Crossing:
     checkpoint: str | None = None  # halts: the checkpoint written at the halt (as stored)
 
 
+def crossing_from_json(d: dict[str, Any]) -> Crossing:
+    """A crossing or halt record read back (a halt always stopped, and names its checkpoint)."""
+    halt = d.get("type") == "halt"
+    return Crossing(violation_from_json(d), stopped=halt or d.get("action") == "stop",
+                    superseded=bool(d.get("superseded")), checkpoint=d.get("checkpoint") if halt else None)
+
+
 @dataclass
 class RunLogView:
     """A run log read back into typed records (resumes applied, see :func:`read_records`)."""
@@ -284,11 +291,9 @@ def read_log(run_dir: str | Path, name: str = LOG_NAME, *, warn: bool = True) ->
         if kind == "step":
             view.steps.append(step_from_json(r))
         elif kind == "crossing":
-            view.crossings.append(Crossing(violation_from_json(r), stopped=r.get("action") == "stop",
-                                           superseded=bool(r.get("superseded"))))
+            view.crossings.append(crossing_from_json(r))
         elif kind == "halt":
-            view.halts.append(Crossing(violation_from_json(r), stopped=True, superseded=bool(r.get("superseded")),
-                                       checkpoint=r.get("checkpoint")))
+            view.halts.append(crossing_from_json(r))
         elif kind == "checkpoint":
             view.checkpoints[int(r["step"])] = r["path"]
         elif kind == "resume":

@@ -146,7 +146,8 @@ class ActivationMode(RoutingMode):
                 f"mode='activation' needs residual-stream layers (integers), got {list(subspace.layers)}.",
                 "build the subspace on residual layers (Subspace.from_probe / from_sae on resid_post hooks).")
         experts: dict[str, list[tuple[str, int]]] = {}
-        emb, writers = residual_writes(model, post_norm={} if post_norm == "first_order" else None, experts=experts)
+        post: dict[str, str] | None = {} if post_norm == "first_order" else None
+        emb, writers = residual_writes(model, post_norm=post, experts=experts)
         spans = cumulative_spans(subspace, [EMBEDDINGS] + list(range(len(writers))))
         if experts:  # a stand-in writer on each routed mixture-of-experts block (blocks up to the last span)
             base = unwrap_model(model)
@@ -168,7 +169,11 @@ class ActivationMode(RoutingMode):
         with warnings.catch_warnings():  # a frozen writer (LoRA policy) is routed through its output
             warnings.filterwarnings("ignore", message=".*is frozen.*")
             plan = build_plan(model, derived, targets=explicit, route_bias=False, allow_post_norm=True)
-        return plan, derived
+        # where each routed write really is, for setup: one trace serves both
+        routed = set(plan.modules)
+        writes = {"post_norm": {w: n for w, n in (post or {}).items() if w in routed},
+                  "experts": {f"{b}.{WRITE_ATTR}": pins for b, pins in experts.items() if f"{b}.{WRITE_ATTR}" in routed}}
+        return RoutingPlan(plan.targets, plan.subspace_hash, writes=writes), derived
 
     @classmethod
     def rebuild_options(cls, meta: dict[str, Any]) -> dict[str, Any]:
@@ -190,19 +195,17 @@ class ActivationMode(RoutingMode):
         self.pinned: list[CoordBlock] = []
         self.prev: dict[str, torch.Tensor] = {}
         self.post_norm: dict[str, nn.Module] = {}  # writer -> the post-norm whose output is its write
-        post: dict[str, str] = {}
-        experts: dict[str, list[tuple[str, int]]] = {}
-        residual_writes(base, post_norm=post if o.get("post_norm") == "first_order" else None, experts=experts)
+        post: dict[str, str] = self.ctx.plan.writes.get("post_norm", {})
+        experts: dict[str, list[tuple[str, int]]] = self.ctx.plan.writes.get("experts", {})
         self.moe: dict[str, nn.Module] = {}  # stand-in route -> the mixture-of-experts block it stands for
         modules = dict(base.named_modules())
         self.gains: list[tuple[nn.Parameter, torch.Tensor]] = []  # post-norm gains, held while routing
         for r in self.ctx.routes:
             pin = r
-            if r.name.endswith(f".{WRITE_ATTR}") and r.name[: -len(WRITE_ATTR) - 1] in experts:
-                block_name = r.name[: -len(WRITE_ATTR) - 1]
-                block = modules[block_name]
+            if r.name in experts:
+                block = modules[r.name[: -len(WRITE_ATTR) - 1]]
                 self.moe[r.name] = block
-                for pname, axis in experts[block_name]:
+                for pname, axis in experts[r.name]:
                     param = block.get_parameter(pname)
                     if param.requires_grad:
                         self.pinned.append(CoordBlock(param, axis, r))
