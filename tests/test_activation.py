@@ -4,6 +4,7 @@ Llama, Qwen2, GPT-2 (Conv1D) and GPT-NeoX tiny models, with full weights and a u
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -370,7 +371,7 @@ def test_post_norm_writers_are_refused_by_default_and_routed_to_first_order_on_r
     for mode in ("update", "gradient", "activation"):
         with pytest.raises(RoutingError, match="post_attention_layernorm") as e:
             gr.GradientRouter(model, sub, mode=mode, check_provenance=False)
-        assert "Fix:" in str(e.value) and "post_norm='first_order'" in str(e.value)
+        assert "Fix:" in str(e.value) and "post_norm='exact'" in str(e.value)
     # naming the writers by hand does not get around it in the weight-splitting modes
     with pytest.raises(RoutingError, match="post-norm"):
         gr.GradientRouter(model, sub, mode="update", targets=["model.layers.1.self_attn.o_proj"],
@@ -386,6 +387,52 @@ def test_post_norm_writers_are_refused_by_default_and_routed_to_first_order_on_r
     router.detach()
     again = gr.GradientRouter.from_state(model, tmp_path / "state", check_provenance=False)
     assert again.mode_strategy.options["post_norm"] == "first_order" and again.mode_strategy.post_norm
+
+
+def test_exact_post_norm_routing_survives_resume_and_refuses_what_it_cannot_do(tmp_path):
+    """post_norm='exact': the in-span write comes from the writers frozen at attach, so (i) the
+    forward at attach is the plain model's, (ii) after training a resumed router (built on the
+    trained weights) reproduces the routed model's logits only because the state carries W_0,
+    (iii) merging and PEFT export are refused, and nothing changed, (iv) detaching warns."""
+    import copy
+
+    from gradroute.errors import GradrouteWarning
+
+    model = _tiny_hf("gemma2")
+    sub = gr.Subspace.from_directions({1: torch.randn(2, 64, generator=torch.Generator().manual_seed(0))})
+    x = torch.randint(3, 100, (2, 8))
+    plain = model(input_ids=x).logits.detach()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradrouteWarning)  # exact: nothing to warn about
+        router = gr.GradientRouter(model, sub, mode="activation", post_norm="exact", check_provenance=False)
+    assert set(router.mode_strategy.frozen) == set(router.mode_strategy.post_norm) and router.mode_strategy.frozen
+    assert not any("frozen" in n for n, _ in model.named_parameters())  # the copies are not the model's
+    torch.testing.assert_close(model(input_ids=x).logits, plain, rtol=0, atol=1e-6)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        router.step()
+    routed = model(input_ids=x).logits.detach()
+    w = model.model.layers[1].self_attn.o_proj.weight
+    w0 = router.mode_strategy.frozen["model.layers.1.self_attn.o_proj"][0].weight
+    assert (w - w0).abs().max() > 1e-4  # the writer trained freely, its copy did not
+    router.save_state(tmp_path / "state")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(AdapterError, match="cannot be merged"):
+        router.merge()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(AdapterError, match="post-norm write"):
+        gr.save_adapter(router, tmp_path / "a")
+    with pytest.warns(GradrouteWarning, match="post_norm='exact'"):
+        router.detach()
+    trained = copy.deepcopy(model)  # plain weights now: the in-span write has moved with them
+    assert (trained(input_ids=x).logits - routed).abs().max() > 1e-4
+    again = gr.GradientRouter.from_state(trained, tmp_path / "state", check_provenance=False)
+    torch.testing.assert_close(trained(input_ids=x).logits, routed, rtol=0, atol=1e-5)
+    assert again.mode_strategy.options["post_norm"] == "exact"
 
 
 def test_mixture_of_experts_blocks_are_routed_through_their_output(tmp_path):

@@ -36,19 +36,66 @@ _BLOCK_PATHS = (
 )
 
 
+# wrappers that hold the model in an attribute: DDP, DataParallel, FSDP1 (``.module``),
+# DeepSpeed's engine (``.module``), torch.compile (``._orig_mod``); accelerate wraps with these
+_WRAPPERS = {
+    "DistributedDataParallel": "module", "DataParallel": "module", "FullyShardedDataParallel": "module",
+    "DeepSpeedEngine": "module", "PipelineEngine": "module", "OptimizedModule": "_orig_mod",
+}
+
+
+def _wrapped(model: nn.Module) -> nn.Module | None:
+    """The module a training wrapper holds, or None when ``model`` is not such a wrapper."""
+    for cls in type(model).__mro__:
+        attr = _WRAPPERS.get(cls.__name__)
+        if attr is not None:
+            inner = getattr(model, attr, None)
+            return inner if isinstance(inner, nn.Module) else None
+    return None
+
+
+def is_fsdp2(model: nn.Module) -> bool:
+    """True when ``model`` or one of its submodules was sharded with FSDP2's ``fully_shard``
+    (its parameters are then DTensors)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without distributed, or before FSDP2
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def reshard_fsdp2(model: nn.Module) -> None:
+    """Put every FSDP2 module of ``model`` back in its sharded state.
+
+    A forward pass without gradients (e.g. the routing plan's dataflow trace) leaves the root
+    module's parameters all-gathered: the module then holds plain unsharded parameters in
+    place of its DTensors, and an optimizer built over ``model.parameters()`` at that moment
+    would train throw-away copies. A no-op for a model without FSDP2."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The underlying transformers model (unwraps DDP/FSDP ``.module`` and PEFT wrappers)."""
+    """The underlying transformers model: unwraps DDP / DataParallel / FSDP1 / DeepSpeed
+    (``.module``), ``torch.compile`` (``._orig_mod``) — what accelerate's ``prepare`` wraps with —
+    and PEFT wrappers. FSDP2's ``fully_shard`` shards a model in place (same object, its class
+    becomes ``FSDP<Name>``, a subclass of the original and of ``FSDPModule``, parameters become
+    DTensors), so a fully sharded model is its own underlying model."""
     seen = 0
     while seen < 8:
         seen += 1
         if hasattr(model, "get_base_model") and callable(model.get_base_model):
             model = model.get_base_model()
-        elif isinstance(getattr(model, "module", None), nn.Module) and type(model).__name__ in (
-            "DistributedDataParallel", "DataParallel", "FullyShardedDataParallel",
-        ):
-            model = model.module
-        else:
+            continue
+        inner = _wrapped(model)
+        if inner is None:
             break
+        model = inner
     return model
 
 
@@ -143,11 +190,17 @@ def replace_hidden(output: Any, new: torch.Tensor) -> Any:
 ResidualFn = Callable[[int, torch.Tensor], torch.Tensor | None]
 
 
-def add_residual_hook(model: nn.Module, layer: int, fn: ResidualFn) -> torch.utils.hooks.RemovableHandle:
+def add_residual_hook(model: nn.Module, layer: int, fn: ResidualFn,
+                      live_only: bool = False) -> torch.utils.hooks.RemovableHandle:
     """Call ``fn(layer, h)`` on the residual stream at ``layer``; a returned tensor replaces ``h``.
 
     Layer L >= 0 hooks the output of block L; layer −1 hooks the input of block 0.
+    ``live_only``: a copy of the model (deepcopy, pickle) gets a no-op instead
+    (:class:`gradroute.hooks.LiveOnly`: for bookkeeping that belongs to the live model).
     """
+    from .hooks import LiveOnly
+
+    wrap = LiveOnly if live_only else (lambda f: f)
     blocks = decoder_layers(model)
     check_layer(layer, len(blocks))
     if layer == EMBEDDINGS:
@@ -161,13 +214,13 @@ def add_residual_hook(model: nn.Module, layer: int, fn: ResidualFn) -> torch.uti
                 return None
             return args, {**kwargs, "hidden_states": r}
 
-        return blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
+        return blocks[0].register_forward_pre_hook(wrap(pre_hook), with_kwargs=True)
 
     def hook(module, args, output):
         r = fn(layer, block_hidden(output))
         return None if r is None else replace_hidden(output, r)
 
-    return blocks[layer].register_forward_hook(hook)
+    return blocks[layer].register_forward_hook(wrap(hook))
 
 
 @contextmanager
@@ -652,7 +705,9 @@ def residual_writes(model: nn.Module, post_norm: dict[str, str] | None = None,
         raise RoutingError("a forward pass on a few tokens failed, so the residual writes cannot be traced.",
                            "check that model(input_ids=...) runs on this model.")
     problems = []
-    emb = _sum_match(t["ins"].get(0, torch.zeros(0)), list(t["embs"]), t["mod_out"]) if 0 in t["ins"] else None
+    # the embeddings' sum (GPT-2: wte + wpe) rounds in the weights' dtype like a block's residual add
+    emb = (_sum_match(t["ins"][0], list(t["embs"]), t["mod_out"], tol=max(1e-4, 8 * t["eps"]))
+           if 0 in t["ins"] else None)
     if emb is None:
         problems.append(f"the input of block 0 is not a sum of the embedding outputs {sorted(t['embs'])} "
                         "(is it scaled or normalized before block 0?)")
@@ -670,8 +725,8 @@ def residual_writes(model: nn.Module, post_norm: dict[str, str] | None = None,
                 if sink is not None:
                     sink[w.name] = w.norm if w.kind == "post_norm" else w.pins  # type: ignore[assignment]
             else:
-                hint = (" (pass post_norm='first_order' to route it: isolation to first order, README: model "
-                        "families)") if w.kind == "post_norm" else ""
+                hint = (" (pass post_norm='exact' to route it exactly, or 'first_order' for plain weights "
+                        "isolated to first order; README: model families)") if w.kind == "post_norm" else ""
                 problems.append(_problem(i, w, hint))
         writers.append(names)
     if problems:
@@ -680,7 +735,7 @@ def residual_writes(model: nn.Module, post_norm: dict[str, str] | None = None,
                            + (" or a mixture-of-experts block's" if experts is not None else "") + ", but: "
                            + "; ".join(problems) + ".",
                            "route a dense pre-norm or post-norm family (Llama, Qwen2/3, Mistral, Phi-3, GPT-2, GPT-NeoX, "
-                           "Gemma 2/3, OLMo 2 with post_norm='first_order', mixture-of-experts blocks whose fused "
+                           "Gemma 2/3, OLMo 2 with post_norm='exact', mixture-of-experts blocks whose fused "
                            "experts say which axis is the stream's) (README: model families).")
     return emb or [], writers
 
@@ -719,7 +774,7 @@ def block_io_modules(model: nn.Module) -> list[dict[str, list[str]]]:
             "the residual writers of " + type(m).__name__ + " cannot be routed by splitting Linear weights: "
             + "; ".join(problems[:4]) + ("; ..." if len(problems) > 4 else "") + ".",
             "use mode='activation', which routes mixture-of-experts blocks exactly and post-norm branches (Gemma 2/3, "
-            "OLMo 2) to first order with post_norm='first_order'; update and gradient modes route dense pre-norm "
+            "OLMo 2) exactly with post_norm='exact'; update and gradient modes route dense pre-norm "
             "families only (Llama, Qwen2/3, Mistral, Phi-3, GPT-2, GPT-NeoX; README: model families).")
     blocks = decoder_layers(m)
     prefix = decoder_layers_path(m) + "."

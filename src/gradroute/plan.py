@@ -329,7 +329,7 @@ def build_plan(
                 f"{name!r}'s output reaches the residual stream only through the post-norm {norm!r} (g ⊙ y / rms(y)), "
                 f"so its weights do not live in the residual basis: splitting them by U routes the wrong space "
                 f"({len(behind)} such writer(s) among the targets).",
-                "use mode='activation' with post_norm='first_order' for this model (README: model families).")
+                "use mode='activation' with post_norm='exact' for this model (README: model families).")
     out: list[RouteTarget] = []
     writers_with_bias = []
     for name, layer, s, b in chosen:

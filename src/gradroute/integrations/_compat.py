@@ -7,9 +7,11 @@ output of TRL's ``_generate_and_score_completions``, reads the per-function rewa
 transformers' ``_set_signature_columns_if_needed`` / ``_signature_columns``, appends scalars
 to TRL's ``_metrics``, and mirrors ``Trainer``'s loss-scaling rules
 (``model_accepts_loss_kwargs``, ``loss_is_scaled_for_ga``,
-``current_gradient_accumulation_steps``). These names change between releases without notice,
-so they are all here, as small functions, and nowhere else in :mod:`gradroute.integrations`
-(``tests/test_compat.py`` checks that). PEFT is used through its public API only
+``current_gradient_accumulation_steps``), and wraps the stream of parameters TRL's vLLM
+backend pushes at each weight sync (``trainer.vllm_generation._iter_named_params``;
+:mod:`.vllm`). These names change between releases without notice, so they are all here, as
+small functions, and nowhere else in :mod:`gradroute.integrations` (``tests/test_compat.py``
+checks that). PEFT is used through its public API only
 (``LoraConfig``, ``PeftModel``, ``LoraLayer.get_delta_weight``); it is version-checked
 because the adapter format is.
 
@@ -245,3 +247,39 @@ def loss_scaled_for_ga(trainer: Any, num_items_in_batch: Any) -> bool:
         scaled = (accepts_loss_kwargs(trainer) and num_items_in_batch is not None) \
             or getattr(trainer, "compute_loss_func", None) is not None
     return bool(scaled)
+
+
+# ------------------------------------------------------ TRL vLLM weight sync
+VLLM_GENERATION = "vllm_generation"  # GRPOTrainer/RLOOTrainer (use_vllm=True): the VLLMGeneration backend
+VLLM_NAMED_PARAMS = "_iter_named_params"  # VLLMGeneration: the (name, tensor) stream sync_weights pushes (both modes)
+VLLM_DIST = "_dist"  # VLLMGeneration: its DistributedBackend (gather_params: ZeRO-3 gather, else a no-op)
+# how VLLMGeneration renames the policy's parameters for vLLM (PEFT wrapper, FSDP/checkpoint wrappers)
+VLLM_NAME_PREFIX = "base_model.model."
+VLLM_NAME_DROPPED = (".base_layer", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.", "modules_to_save.default.")
+
+
+def vllm_backend(trainer: Any) -> Any:
+    """The trainer's vLLM generation backend (``trainer.vllm_generation``)."""
+    return require(trainer, VLLM_GENERATION, "fold the routed policy into the weights pushed to vLLM")
+
+
+def vllm_weight_stream(backend: Any) -> Any:
+    """The backend's bound ``_iter_named_params``: every weight sync (colocate ``load_weights``,
+    server ``update_named_params``) pushes what it yields."""
+    return require(backend, VLLM_NAMED_PARAMS, "fold the routed policy into the weights pushed to vLLM")
+
+
+def vllm_gather(backend: Any, params: list[Any]) -> Any:
+    """A context in which ``params`` are whole (TRL's ZeRO-3 gather; a no-op otherwise)."""
+    from contextlib import nullcontext
+
+    dist = getattr(backend, VLLM_DIST, None)
+    return dist.gather_params(params) if dist is not None else nullcontext()
+
+
+def vllm_param_name(name: str) -> str:
+    """The name vLLM receives for a parameter of the policy (``named_parameters()`` name)."""
+    name = name.removeprefix(VLLM_NAME_PREFIX)
+    for part in VLLM_NAME_DROPPED:
+        name = name.replace(part, "")
+    return name

@@ -16,6 +16,38 @@
 ``PeftModel.from_pretrained(base, path)`` then reproduces "trained minus persona" to float
 round-off, and loading the persona adapter (``save_adapter(..., base="none")``) beside it gives
 the trained policy back.
+
+**What ``model.save_pretrained`` writes** with gradroute attached (``gr.attach`` or
+``GradientRouter``): the model's own weights, never a ``gradroute_*`` tensor, loadable by plain
+``AutoModelForCausalLM.from_pretrained`` without missing or unexpected keys
+(tests/test_save_pretrained.py).
+
+- ``mode="activation"``: the weights *are* the base; the adapters are separate parameters
+  (``<model>.gradroute_adapters``) that activation mode lists in the model's
+  ``_keys_to_ignore_on_save``. So ``save_pretrained`` writes the **base without the adapters —
+  the discarded model**, tensor for tensor what ``save_discarded`` writes. The trained policy is
+  that base plus the adapter: ``save_adapter(router, path, base="model")``.
+  ``_keys_to_ignore_on_save`` rather than a state-dict hook: transformers 5 applies it in
+  ``save_pretrained`` whether or not a ``state_dict`` is passed (``Trainer.save_model`` passes
+  one), ``Trainer._load_from_checkpoint`` does not warn when the missing keys are exactly those,
+  and ``model.state_dict()`` keeps the adapters, so optimizers, ``load_state_dict``, deep copies
+  and distributed checkpointing still see them (the router state in each checkpoint's
+  ``gradroute/`` carries them for resuming).
+  Exceptions: post-norm writes routed with ``post_norm="exact"`` take their in-span part from
+  frozen copies that are not saved, so their plain weights are not the discarded model
+  (``save_discarded`` refuses them); with ``"first_order"`` they are, to first order.
+- ``mode="update"`` / ``"gradient"``: the weights hold base + U A — training is untouched — so
+  ``save_pretrained`` writes the **trained policy** (what a Trainer checkpoint must hold to
+  resume); ``save_discarded`` writes the discarded model.
+
+**Residue** (full fine-tunes): the written base is rounded to the weights' dtype, so its persona
+coordinates are ``Uᵀ P_0 + A − A_e`` only up to that rounding (and, in activation mode, up to
+the rounding of the post-step pinning the weights carry). ``gradroute_discarded.json`` records
+the :class:`~gradroute.monitor.metrics.DiscardResidue` (``‖Uᵀ(W_written − W_0)‖``, and that over
+the removed adapter's norm), and a :class:`~gradroute.errors.GradrouteWarning` names the dtype
+and the fix when it exceeds ``residue_threshold`` (default
+:data:`~gradroute.monitor.metrics.DISCARD_RESIDUE_THRESHOLD`, 1% of the removed adapter): with
+bfloat16 weights it does after a few RL-sized steps.
 """
 
 from __future__ import annotations
@@ -51,36 +83,60 @@ def _peft_model(model: Any) -> Any:
 
 @torch.no_grad()
 def save_discarded(router: GradientRouter, path: str | Path, env: str | None = None,
-                   base_model_name_or_path: str | None = None) -> Path:
-    """Write the trained policy minus the persona adapter (or minus one environment's share)."""
+                   base_model_name_or_path: str | None = None, *, residue_threshold: float | None = None) -> Path:
+    """Write the trained policy minus the persona adapter (or minus one environment's share).
+
+    Full fine-tunes: the rounding residue is measured, recorded in ``gradroute_discarded.json``
+    and warned about above ``residue_threshold`` (see the module docstring)."""
     from ..distributed import is_main_process
+    from ..monitor.metrics import check_residue_threshold
 
     path = Path(path)
+    threshold = check_residue_threshold(residue_threshold)
+    if router.sharded:
+        raise AdapterError("the routed weights are FSDP2 shards (DTensors): gradroute does not gather a full model "
+                           "to write it.",
+                           "router.discard() on every rank, then save the model with your trainer's full-state-dict "
+                           "path (accelerator.get_state_dict(model) / trainer.save_model).")
     if not is_main_process():
         return path
     if env is not None and env not in router.envs:
         raise AdapterError(f"no adapter share for environment {env!r}; environments: {router.envs}.",
                            "pass one of router.envs, or env=None for the whole adapter.")
+    frozen = sorted(getattr(router.mode_strategy, "frozen", None) or ())
+    if frozen:  # activation mode, post_norm="exact": the routed base is plain weights + frozen copies
+        raise AdapterError(
+            f"post_norm='exact' takes the in-span part of {len(frozen)} post-norm writes (e.g. {frozen[0]!r}) from "
+            "frozen copies of their writers, so no plain weights are the discarded model.",
+            "keep the discarded model as the routed model with its state (router.discard(); router.save_state(path)), "
+            "or route with post_norm='first_order' (plain weights, isolated to first order).")
     pm = _peft_model(router.model)
     if pm is None:
-        return _save_full(router, path, env)
+        return _save_full(router, path, env, threshold)
     return _save_lora(router, pm, path, env, base_model_name_or_path)
 
 
-def _save_full(router: GradientRouter, path: Path, env: str | None) -> Path:
+def _save_full(router: GradientRouter, path: Path, env: str | None, threshold: float) -> Path:
+    from ..monitor.metrics import discard_residue, discard_targets, warn_discard_residue
+
     model = unwrap_model(router.model)
     sd = {k: v for k, v in model.state_dict().items() if not k.startswith(f"{ADAPTERS_ATTR}.")}
+    targets = discard_targets(router, env)
+    written: dict[str, torch.Tensor] = {}
     # what the policy computes minus the adapter's (env) share: effective − U A_env
     for t in router.plan:
         w = f"{t.module}.weight"
-        sd[w] = router.base_weight(t.module, env).to(sd[w].dtype)
+        sd[w] = written[w] = router.base_weight(t.module, env).to(sd[w].dtype)
         bias = router.base_bias(t.module, env)  # None unless the bias is routed
         if bias is not None and f"{t.module}.bias" in sd:
-            sd[f"{t.module}.bias"] = bias.to(sd[f"{t.module}.bias"].dtype)
+            sd[f"{t.module}.bias"] = written[f"{t.module}.bias"] = bias.to(sd[f"{t.module}.bias"].dtype)
+    residue = discard_residue(router, targets, router.adapter_norm(env).total, written, threshold=threshold)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(path), state_dict=sd)
     _io.write_json(path / "gradroute_discarded.json", {"format": "gradroute.discarded", "kind": "full",
-                                                      "env": env, "mode": router.mode, "steps": router.steps})
+                                                      "env": env, "mode": router.mode, "steps": router.steps,
+                                                      "residue": residue.to_dict()})
+    warn_discard_residue(residue, f"save_discarded({str(path)!r})", router.weights_hold_adapter, stacklevel=5)
     return path
 
 

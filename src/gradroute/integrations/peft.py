@@ -120,7 +120,8 @@ def _model_name(router: GradientRouter) -> str | None:
 
 
 def save_adapter(router: GradientRouter, path: str | Path, env: str | None = None, base: str = "modules", *,
-                 lora_bias: str = "keep", base_name: str | None = None, tokenizer: Any = None) -> Path:
+                 lora_bias: str = "keep", base_name: str | None = None, tokenizer: Any = None,
+                 residue_threshold: float | None = None) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (plain PEFT), the subspace,
     a ``gradroute_adapter.json`` sidecar and, per ``base``, the matching base weights.
 
@@ -131,15 +132,29 @@ def save_adapter(router: GradientRouter, path: str | Path, env: str | None = Non
     points ``base_model_name_or_path`` at it (``base_name`` overrides the name written).
     ``lora_bias``: ``"keep"``, ``"fold"`` or ``"refuse"`` (vLLM loads only bias-free
     adapters; see the module docstring for what the folded pair computes).
+
+    The written base is rounded to the weights' dtype: what that leaves of the adapter in its
+    persona coordinates is recorded as ``base_residue`` in ``gradroute_adapter.json`` (a
+    :class:`~gradroute.monitor.metrics.DiscardResidue`; the folded bias delta is not counted) and
+    warned about above ``residue_threshold`` (default 1% of the adapter's norm).
     """
+    from ..monitor.metrics import check_residue_threshold
+
+    threshold = check_residue_threshold(residue_threshold)
     if base not in ("modules", "model", "none"):
         raise AdapterError(f"base must be 'modules', 'model' or 'none', got {base!r}.", "pass one of those.")
     problem = router.mode_strategy.export_problem()
     if problem is not None:
         raise AdapterError(f"{problem}: a PEFT file would load as a different model.",
                            "keep the adapter in the router's state (router.save_state(path), or the checkpoints "
-                           "gradroute writes), discard it (router.discard(), gr.save_discarded(router, path)), or "
-                           "merge it (router.merge()) before saving the model.")
+                           "gradroute writes), or discard it (router.discard(), gr.save_discarded(router, path)); "
+                           "it cannot be merged into the weights either.")
+    if base != "none" and router.sharded:
+        raise AdapterError(f"base={base!r} writes full base weights, but the routed weights are FSDP2 shards "
+                           "(DTensors) and gradroute does not gather them.",
+                           "save the adapter alone (base='none', from any rank: its coordinates are whole on every "
+                           "rank) and the model with your trainer's full-state-dict path "
+                           "(accelerator.get_state_dict(model)).")
     if lora_bias not in LORA_BIAS_MODES:
         raise AdapterError(f"lora_bias must be one of {LORA_BIAS_MODES}, got {lora_bias!r}.",
                            "pass 'keep' (PEFT only), 'fold' (bias-free adapter, bias delta kept in the base) or "
@@ -160,7 +175,8 @@ def save_adapter(router: GradientRouter, path: str | Path, env: str | None = Non
         torch.distributed.barrier()
         return path
     try:
-        _write_adapter(router, path, env, base, lora_bias=lora_bias, base_name=base_name, tokenizer=tokenizer)
+        _write_adapter(router, path, env, base, lora_bias=lora_bias, base_name=base_name, tokenizer=tokenizer,
+                       residue_threshold=threshold)
     finally:
         if world_size() > 1:
             torch.distributed.barrier()
@@ -168,7 +184,9 @@ def save_adapter(router: GradientRouter, path: str | Path, env: str | None = Non
 
 
 def _write_adapter(router: GradientRouter, path: Path, env: str | None, base: str, *, lora_bias: str = "keep",
-                   base_name: str | None = None, tokenizer: Any = None) -> None:
+                   base_name: str | None = None, tokenizer: Any = None, residue_threshold: float | None = None) -> None:
+    from ..monitor.metrics import discard_residue, discard_targets, warn_discard_residue
+
     path.mkdir(parents=True, exist_ok=True)
     name = _model_name(router)
     keep_bias = lora_bias == "keep" and any(t.bias for t in router.plan)
@@ -179,8 +197,12 @@ def _write_adapter(router: GradientRouter, path: Path, env: str | None, base: st
     _io.save_tensors(path / "adapter_model.safetensors", adapter_tensors(router, env, bias=keep_bias))
     router.subspace.save(path / "subspace")
     folded = bias_delta_norm(router, env) if lora_bias == "fold" else 0.0
+    residue = None
     if base != "none":
+        targets = discard_targets(router, env)
         weights = _base_tensors(router, env, fold_bias=lora_bias == "fold")
+        residue = discard_residue(router, targets, router.adapter_norm(env).total, weights,
+                                  threshold=residue_threshold)
         if base == "modules":
             _io.save_tensors(path / ROUTED_BASE, weights)
         else:
@@ -207,7 +229,11 @@ def _write_adapter(router: GradientRouter, path: Path, env: str | None, base: st
         "subspace_hash": router.subspace.content_hash,
         "plan": router.plan.to_list(),
         "adapter_norm": router.adapter_norm(env).total,
+        "base_residue": residue.to_dict() if residue is not None else None,
     })
+    if residue is not None:
+        warn_discard_residue(residue, f"save_adapter({str(path)!r}): the base written beside the adapter",
+                             router.weights_hold_adapter, stacklevel=4)
 
 
 def _base_tensors(router: GradientRouter, env: str | None, fold_bias: bool = False) -> dict[str, torch.Tensor]:

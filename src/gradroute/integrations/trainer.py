@@ -4,6 +4,8 @@ Callback order in one optimizer step (transformers 5.x): ``on_step_begin`` → m
 clipping → ``on_pre_optimizer_step`` → ``optimizer.step()`` → ``on_optimizer_step`` →
 scheduler → ``zero_grad`` → ``global_step += 1`` → ``on_step_end`` → log/save. The callback
 
+- finds the routed parameters again in ``on_train_begin``, after accelerate's ``prepare``
+  (FSDP2 replaces them by DTensors), and binds the prepared optimizer;
 - re-syncs in ``on_step_begin`` (weights edited outside steps go to the base);
 - accounts the step in ``on_optimizer_step`` (gradients still present; a step the optimizer
   skipped, e.g. an AMP overflow, is not counted): ``router.step(at_step=N)`` hands the record to
@@ -185,6 +187,10 @@ class RouterCallback(TrainerCallback):
             self.router.bind_optimizer(optimizer)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        # accelerate's prepare (inside train()) may have replaced the parameters (FSDP2: DTensors):
+        # route the ones the trainer's model holds and its optimizer steps
+        if model is not None:
+            self.router.rebind(model)
         self._bind(optimizer)
         self.log_records = getattr(args, "logging_strategy", "steps") != "no"
         if self.monitor is not None and self.monitor.checkpoint_for is None:

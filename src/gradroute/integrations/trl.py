@@ -116,7 +116,10 @@ class Handle:
 
     def detach(self) -> None:
         """Remove gradroute's hooks, wrappers and callbacks (the trainer is as before ``attach``)."""
+        from .vllm import uninstall_vllm_sync
+
         self.router.detach()
+        uninstall_vllm_sync(self.trainer)
         remove_callbacks(self.trainer)
         undo(self.trainer)
         self.monitor.close()
@@ -192,8 +195,19 @@ def attach(
             raise EnvColumnError(f"environments {missing} are in the data but not in envs={list(envs)}.",
                                  "add them to envs=[...] (or leave envs unset to take them from the column).")
         _compat.check_trainer(trainer, rl)  # the private names carrying the column exist (before any hook goes in)
+    from .sharding import check_sharding
+
+    check_sharding(trainer)  # DeepSpeed's optimizers step detached master weights: refused before any hook
     router = GradientRouter(trainer.model, subspace, mode=mode, envs=list(envs) if env_column else None,
                             **router_kwargs)
+    if getattr(trainer.args, "use_vllm", False):  # rollouts from vLLM: push the routed policy, or refuse now
+        from .vllm import install_vllm_sync
+
+        try:
+            install_vllm_sync(trainer, router)
+        except Exception:
+            router.detach()
+            raise
     run_dir = Path(run_dir if run_dir is not None else trainer.args.output_dir)
     config = {"trainer": type(trainer).__name__, "env_column": env_column, "mode": mode,
               "router_kwargs": {k: v for k, v in router_kwargs.items() if isinstance(v, int | float | str | bool | type(None))}}

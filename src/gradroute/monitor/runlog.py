@@ -184,6 +184,9 @@ def step_to_json(rec: StepRecord) -> dict[str, Any]:
         out["activation_norm"] = {e: _per_layer(d) for e, d in rec.activation_norm.items()}
         if rec.reward:
             out["reward"] = rec.reward
+        if rec.push:
+            out["push"] = {e: _per_layer(d) for e, d in rec.push.items()}
+            out["push_null"] = {e: _per_layer(d) for e, d in rec.push_null.items()}
     if rec.nonfinite_rewards_total:
         out["nonfinite_rewards"] = rec.nonfinite_rewards
         out["nonfinite_rewards_total"] = rec.nonfinite_rewards_total
@@ -226,6 +229,10 @@ def step_from_json(d: dict[str, Any]) -> StepRecord:
         reward=_floats(d.get("reward")),
         nonfinite_rewards={str(e): int(n) for e, n in (d.get("nonfinite_rewards") or {}).items()},
         nonfinite_rewards_total={str(e): int(n) for e, n in (d.get("nonfinite_rewards_total") or {}).items()},
+        push={str(e): {_layer(k): list(v) if isinstance(v, list | tuple) else [v] for k, v in layers.items()}
+              for e, layers in (d.get("push") or {}).items()},
+        push_null={str(e): {_layer(k): list(v) if isinstance(v, list | tuple) else [v] for k, v in layers.items()}
+                   for e, layers in (d.get("push_null") or {}).items()},
         time=d.get("time"),
     )
 

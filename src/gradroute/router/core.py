@@ -27,7 +27,7 @@ from torch import nn
 from .. import projection as P
 from ..errors import AdapterError, ConfigError, EnvColumnError, GradrouteWarning, PrecisionError, RoutingError
 from ..layers import LayerKey
-from ..model import unwrap_model
+from ..model import reshard_fsdp2, unwrap_model
 from ..plan import RouteTarget, RoutingPlan
 from ..subspace import Subspace
 from . import state as _state
@@ -81,9 +81,10 @@ class GradientRouter:
     in-subspace residue the base weights must stay under (default: what the weights' dtype can
     hold); ``attribution``/``envs`` turn on per-environment attribution; ``check_provenance``
     warns (:class:`~gradroute.errors.GradrouteWarning`) when the subspace's provenance names
-    another model (:meth:`Subspace.provenance_mismatch`); ``post_norm="first_order"`` lets
-    activation mode route post-norm branches (Gemma 2/3, OLMo 2), which it isolates only to first
-    order (:mod:`~gradroute.router.modes.activation`); by default they are refused.
+    another model (:meth:`Subspace.provenance_mismatch`); ``post_norm="exact"`` lets
+    activation mode route post-norm branches (Gemma 2/3, OLMo 2) exactly, with a frozen copy of
+    their writers, and ``post_norm="first_order"`` with plain weights, isolated only to first order
+    (:mod:`~gradroute.router.modes.activation`); by default they are refused.
     """
 
     def __init__(
@@ -115,10 +116,11 @@ class GradientRouter:
         if precision not in ("float64", "float32"):
             raise ConfigError(f"precision must be 'float64' or 'float32', got {precision!r}.",
                               "use 'float64' (exact bookkeeping) or 'float32'.")
-        if post_norm not in ("refuse", "first_order"):
-            raise ConfigError(f"post_norm must be 'refuse' or 'first_order', got {post_norm!r}.",
-                              "pass post_norm='first_order' to route post-norm branches in activation mode "
-                              "(isolation to first order), or leave the default.")
+        if post_norm not in ("refuse", "first_order", "exact"):
+            raise ConfigError(f"post_norm must be 'refuse', 'exact' or 'first_order', got {post_norm!r}.",
+                              "pass post_norm='exact' to route post-norm branches in activation mode (exact while "
+                              "routed; keeps a frozen copy of their writers) or 'first_order' (plain weights, "
+                              "isolation to first order), or leave the default.")
         mode_cls: type[RoutingMode] = MODES[mode]
         if adapter_lr_multiplier is None:
             adapter_lr_multiplier = getattr(mode_cls, "default_lr_multiplier", 1.0)
@@ -129,6 +131,7 @@ class GradientRouter:
         self.model = model
         self.subspace = subspace
         self.mode = mode
+        self._supports_sharding = mode_cls.supports_sharding
         base = unwrap_model(model)
         if any(isinstance(L, int) for L in subspace.layers):
             subspace.validate_for(base)
@@ -138,11 +141,13 @@ class GradientRouter:
         self.plan, self.routing_subspace = mode_cls.plan(
             base, subspace, side=side, targets=targets, embeddings=embeddings, spread=spread, route_bias=route_bias,
             post_norm=post_norm)
+        reshard_fsdp2(model)  # the plan's trace (a no-grad forward) leaves an FSDP2 root all-gathered
         modules = dict(base.named_modules())
         self.precision = getattr(torch, precision)
         self.routes_state = [Route(t, modules[t.module], self.routing_subspace.basis(t.layer), self.precision)
                              for t in self.plan]
         self._by_name = {r.name: r for r in self.routes_state}
+        self._check_sharding()
         if mode_cls.weights_hold_adapter and not any(r.trainable() for r in self.routes_state):
             raise RoutingError(
                 f"nothing trainable is routed: the {len(self.routes_state)} planned modules "
@@ -161,6 +166,7 @@ class GradientRouter:
         self.env_split = EnvSplit(self.routes_state, self.environments)
         self._nf_rewards: dict[str, int] = {}        # NaN/None rewards per environment since the last record
         self._nf_rewards_total: dict[str, int] = {}  # ... since the run started (kept in the state file)
+        self.last_discard_residue: Any = None  # DiscardResidue of the last discard() (gradroute.monitor.metrics)
         context = ModeContext(model=model, subspace=subspace, plan=self.plan, routes=self.routes_state,
                               optimizer=lambda: self.optimizer)
         self.mode_strategy: RoutingMode = mode_cls(context, {
@@ -193,6 +199,17 @@ class GradientRouter:
             "the one named), pass check_provenance=False to GradientRouter / gradroute.attach.",
             GradrouteWarning, stacklevel=3)
 
+    def _check_sharding(self) -> None:
+        """Refuse sharded (FSDP2) parameters in a mode that cannot route them."""
+        if self._supports_sharding:
+            return
+        sharded = [r.name for r in self.routes_state if any(P.is_sharded(b.param) for b in r.blocks)]
+        if sharded:
+            raise ConfigError(
+                f"mode={self.mode!r} does not route FSDP2-sharded parameters (DTensors), e.g. {sharded[0]!r} "
+                f"({len(sharded)} routed modules sharded).",
+                "use mode='update' or mode='gradient' under FSDP2, or train this mode with DDP.")
+
     def _check_precision(self, tolerance: float | None) -> float:
         worst = max(_ACHIEVABLE.get(r.weight.dtype, 1e-2) for r in self.routes_state)
         if tolerance is None:
@@ -221,10 +238,16 @@ class GradientRouter:
         return float(group.get("momentum", 0.0)), None
 
     def bind_optimizer(self, optimizer: Any) -> None:
-        """Watch ``optimizer``: count its real steps (and let the mode hook it)."""
+        """Watch ``optimizer``: count its real steps (and let the mode hook it).
+
+        The routed parameters are first found again by name (:meth:`rebind`): FSDP2's
+        ``fully_shard`` and accelerate's ``prepare`` replace parameter objects, and the router
+        must route the ones this optimizer steps."""
         opt = _innermost_optimizer(optimizer)
         if opt is self.optimizer:
+            self._rebind(resync=True)  # checks the optimizer if parameters were replaced
             return
+        self._rebind(resync=True, check=False)  # the new optimizer is checked against what is found now
         self._check_optimizer(opt)
         for h in self._hooks:
             h.remove()
@@ -244,12 +267,60 @@ class GradientRouter:
         mine = [p for r in self.routes_state for p in r.trainable()]
         mine += self.mode_strategy.trainable_parameters()
         if mine and not any(id(p) in stepped for p in mine):
+            sharded = any(P.is_sharded(p) for g in opt.param_groups for p in g["params"])
             raise ConfigError(
                 "the optimizer steps none of the routed model's trainable parameters "
-                "(was it made for another model?).",
-                "pass the optimizer that trains this model.",
+                "(was it made for another model?"
+                + (" It steps sharded (FSDP2) parameters: was the model sharded after the router was built, "
+                   "and the router's model is not the sharded one?" if sharded else "") + ").",
+                "pass the optimizer that trains this model"
+                + (" (and the sharded model: router.rebind(model))." if sharded else "."),
             )
         self.mode_strategy.check_optimizer(stepped)
+
+    def rebind(self, model: nn.Module | None = None) -> list[str]:
+        """Route the parameters the model holds now: find every routed parameter again by module
+        and attribute name. Returns the modules whose parameters were replaced; their edits since
+        the last step belong to the base (resync).
+
+        Needed when ``fully_shard`` (FSDP2) or accelerate's ``prepare`` replaced the parameter
+        objects after the router was built; :meth:`bind_optimizer`, :meth:`snapshot` and
+        :meth:`step` do it themselves (cheap: one attribute read per parameter). ``model``: the
+        model as wrapped for training (DDP, FSDP2, accelerate, torch.compile); it must wrap the
+        router's model and modules (the router's hooks are on them), else ConfigError."""
+        if model is not None:
+            base, mine = unwrap_model(model), unwrap_model(self.model)
+            if base is not mine:
+                raise ConfigError(
+                    f"the model being trained ({type(base).__name__}) is not the one the router was built on "
+                    f"({type(mine).__name__}): the router's hooks and parameters are on the other.",
+                    "build the router (gradroute.attach) on the model object the trainer trains.")
+            modules = dict(base.named_modules())
+            moved = [r.name for r in self.routes_state if modules.get(r.name) is not r.module]
+            if moved:
+                raise RoutingError(
+                    f"the routed module {moved[0]!r} ({len(moved)} in all) was replaced after the router was built "
+                    "(a wrapper swapped the modules), so the router's hooks and parameters are on the old ones.",
+                    "build the router after the modules are replaced (or replace only parameters, as FSDP2 does).")
+        return self._rebind(resync=True)
+
+    def _rebind(self, resync: bool, check: bool = True) -> list[str]:
+        """Re-find replaced parameters (see :meth:`rebind`). ``resync=False`` in :meth:`step`:
+        there the replacement (a storage change: FSDP2 shards keep the values) is not an edit.
+        ``check``: the bound optimizer must step the parameters found (else ConfigError)."""
+        changed = [r for r in self.routes_state if r.rebind()]
+        if changed:
+            self._check_sharding()
+        mode_changed = self.mode_strategy.rebind()
+        if resync:
+            for r in changed:
+                self.mode_strategy.resync(r)
+        else:
+            for r in changed:
+                r.version = r.versions()
+        if check and (changed or mode_changed) and self.optimizer is not None:
+            self._check_optimizer(self.optimizer)
+        return [r.name for r in changed]
 
     def subscribe(self, observer: Any) -> None:
         """Hand every step record to ``observer.observe(record)`` (e.g. a DriftMonitor)."""
@@ -271,6 +342,15 @@ class GradientRouter:
         self.mode_strategy.remove()
 
     @property
+    def sharded(self) -> bool:
+        """True when routed parameters are FSDP2-sharded DTensors. The adapter's coordinates are
+        then still whole on every rank (export them from any rank), while :meth:`base_weight` /
+        :meth:`base_bias` return DTensors sharded like the weights, and reading or editing the
+        weights (:meth:`step`, :meth:`discard`, :meth:`merge`, :meth:`snapshot`) is a collective:
+        call it on every rank."""
+        return any(P.is_sharded(b.param) for r in self.routes_state for b in r.blocks)
+
+    @property
     def weights_hold_adapter(self) -> bool:
         """True when the routed weights hold base + U A (update, gradient modes); False when the
         adapter is a separate path beside base weights (activation mode)."""
@@ -290,6 +370,7 @@ class GradientRouter:
         Such edits belong to the base: ``Uᵀ W_0`` is moved so that the adapter is unchanged.
         Cheap when nothing changed (parameter version counters are compared).
         """
+        self._rebind(resync=True)
         for r in self.routes_state:
             r.follow_device()
             if r.versions() != r.version:
@@ -344,6 +425,7 @@ class GradientRouter:
                 self.attribution.reset_step()  # explicit weights win; drop what the hooks captured
             else:
                 self.attribution.check_ready(env_ids)  # raises before any state changes
+        self._rebind(resync=False)
         for r in self.routes_state:
             r.follow_device()
         deltas = self.mode_strategy.after_step()
@@ -408,6 +490,8 @@ class GradientRouter:
             activation={e: dict(d) for e, d in a.activation.items()} if a is not None else {},
             activation_norm={e: dict(d) for e, d in a.activation_norm.items()} if a is not None else {},
             reward=dict(a.reward) if a is not None else {},
+            push={e: dict(d) for e, d in a.push.items()} if a is not None else {},
+            push_null={e: dict(d) for e, d in a.push_null.items()} if a is not None else {},
             nonfinite_rewards=nf_rewards if self._nf_rewards_total else {},
             nonfinite_rewards_total=dict(self._nf_rewards_total),
             attribution=a,
@@ -477,16 +561,16 @@ class GradientRouter:
     def base_weight(self, module: str, env: str | None = None) -> torch.Tensor:
         """The model's effective weight minus the adapter (``W − U A``, or ``W − U A_env``), in the
         bookkeeping dtype. Cast it to the weight dtype to materialize it (that rounding is the
-        only error)."""
+        only error). For a sharded weight (FSDP2) it is a DTensor sharded like the weight."""
         b = self._route(module).blocks[0]
-        return self.mode_strategy.effective(b) - self.adapter_delta(module, env)
+        return b.add_lift(self.mode_strategy.effective(b), self.adapter_coords(module, env), alpha=-1.0)
 
     def base_bias(self, module: str, env: str | None = None) -> torch.Tensor | None:
         r = self._route(module)
         if len(r.blocks) < 2:
             return None
         b = r.blocks[1]
-        return self.mode_strategy.effective(b) - b.lift(self.adapter_bias_coords(module, env))
+        return b.add_lift(self.mode_strategy.effective(b), self.adapter_bias_coords(module, env), alpha=-1.0)
 
     def basis(self, module: str) -> torch.Tensor:
         return self._route(module).U.clone()
@@ -514,9 +598,18 @@ class GradientRouter:
         """Remove the adapter from the model (all of it, or one environment's share).
 
         Returns the norm removed. The model keeps only the base (and the other environments'
-        shares, when ``env`` is given)."""
+        shares, when ``env`` is given).
+
+        Rounding to the weights' dtype can leave part of the removed update in the base's persona
+        coordinates (bfloat16/float16 weights): it is measured into ``last_discard_residue`` (a
+        :class:`~gradroute.monitor.metrics.DiscardResidue`) and a
+        :class:`~gradroute.errors.GradrouteWarning` names the dtype and the fix when it exceeds
+        :data:`~gradroute.monitor.metrics.DISCARD_RESIDUE_THRESHOLD` of the removed norm."""
+        from ..monitor.metrics import discard_residue, discard_targets, warn_discard_residue
+
         self._env_check(env)
         removed = self.adapter_norm(env).total
+        targets = discard_targets(self, env)  # Uᵀ P_0 + A − A_env: the base's coordinates after discarding
         for r in self.routes_state:
             if env is None:
                 keep = [torch.zeros_like(b.adapter) for b in r.blocks]
@@ -529,6 +622,8 @@ class GradientRouter:
                 self.mode_strategy.cleared(r)
         self.env_split.drop(env)
         self.mode_strategy.adapter_changed()
+        self.last_discard_residue = discard_residue(self, targets, removed)
+        warn_discard_residue(self.last_discard_residue, "router.discard()", self.weights_hold_adapter, stacklevel=4)
         return removed
 
     @torch.no_grad()
@@ -552,7 +647,10 @@ class GradientRouter:
             base = self.base_weight(r.name)
             if materialized:
                 base = base.to(r.weight.dtype)
-            diff = base.double() - initial[r.name].double()
+            w0 = initial[r.name]
+            if P.is_sharded(base) and not P.is_sharded(w0):  # a full W_0 against a sharded base: its slab
+                w0 = P.like(P.local_slab_of(w0.to(P.local(base).device), base), base)
+            diff = base.double() - w0.double()
             out[r.name] = P.relative_in_subspace_norm(diff, r.U, r.target.axis)
         return out
 

@@ -42,7 +42,12 @@ class StepRecord:
     ``samples`` rows per environment, ``activation`` the mean projection ``Uᵀh`` per environment
     and layer (a k-vector), ``activation_norm`` its norm, ``reward`` the mean reward per
     environment (RL). ``nonfinite_rewards``: NaN/None rewards per environment in this step,
-    ``nonfinite_rewards_total`` since the run started. ``attribution``: the in-memory
+    ``nonfinite_rewards_total`` since the run started. ``push``: the persona push per environment
+    and layer, ``Σ_t −Uᵀ ∂loss/∂h_t`` over the environment's tokens (a k-vector, signed along the
+    subspace's directions: what the environment's loss asks of the persona coordinates, before
+    routing), and ``push_null`` the same along m random directions orthogonal to U (what
+    directions with no special role get); see :mod:`gradroute.monitor.locate`.
+    ``attribution``: the in-memory
     :class:`~gradroute.attribution.AttributionStep` (per-module shares; not logged).
     """
 
@@ -63,6 +68,8 @@ class StepRecord:
     reward: dict[str, float] = field(default_factory=dict)
     nonfinite_rewards: dict[str, int] = field(default_factory=dict)
     nonfinite_rewards_total: dict[str, int] = field(default_factory=dict)
+    push: dict[str, dict[LayerKey, list[float]]] = field(default_factory=dict)
+    push_null: dict[str, dict[LayerKey, list[float]]] = field(default_factory=dict)
     time: float | None = None  # wall-clock time the record was logged (set by the monitor)
     attribution: AttributionStep | None = field(default=None, repr=False, compare=False)
 

@@ -49,6 +49,8 @@ class AttributionStep:
     activation: dict[str, dict[LayerKey, list[float]]]  # mean Uᵀh per env and layer
     activation_norm: dict[str, dict[LayerKey, float]]
     reward: dict[str, float] = field(default_factory=dict)
+    push: dict[str, dict[LayerKey, list[float]]] = field(default_factory=dict)   # Σ_t −Uᵀg_t per env and layer
+    push_null: dict[str, dict[LayerKey, list[float]]] = field(default_factory=dict)  # Σ_t −Rᵀg_t, random R (m)
 
 
 class Attribution(Capture):
@@ -142,6 +144,13 @@ class Attribution(Capture):
                     mean = (s / n).tolist()
                     step.activation.setdefault(self.vocab[e], {})[L] = mean
                     step.activation_norm.setdefault(self.vocab[e], {})[L] = math.sqrt(sum(x * x for x in mean))
+        for L, acc in self._push.items():
+            k = self.probes[L].shape[1]
+            for e, s in acc.items():
+                s = s.double().cpu()
+                if s.numel() > k:
+                    step.push.setdefault(self.vocab[e], {})[L] = s[:k].tolist()
+                    step.push_null.setdefault(self.vocab[e], {})[L] = s[k:].tolist()
         return step
 
     # ------------------------------------------------------------------ persistence

@@ -31,6 +31,7 @@ import torch
 from ... import projection as P
 from ...distributed import world_size
 from ...errors import EnvColumnError, PackingError
+from ...hooks import LiveOnly
 from ...layers import LayerKey
 from ...model import add_residual_hook, weight_module
 from ..envs import Environments
@@ -46,9 +47,15 @@ class Capture:
 
     Per step: ``_G[module][e]`` / ``_Gb[module][e]`` (in-subspace weight / bias gradient),
     ``_act[layer][e]`` and ``_act_tokens[layer][e]`` (projection sums and live-token counts),
-    ``_rows[e]`` (samples), ``_rewards[e]`` (``[sum, count]``). What was captured before the
+    ``_rows[e]`` (samples), ``_rewards[e]`` (``[sum, count]``), ``_push[layer][e]`` (the persona
+    push and its random null, :meth:`_push_backward`). What was captured before the
     environments were known waits in ``_pending*`` until :meth:`_resolve_pending`.
     """
+
+    #: random directions per probe layer that the persona push is compared with (its null)
+    NULL_DIRECTIONS = 16
+    #: record the persona push (a backward hook per probe layer); off only to measure its cost
+    record_push = True
 
     def __init__(
         self,
@@ -73,6 +80,9 @@ class Capture:
         self._pending_rows = 0
         self._act: dict[LayerKey, dict[int, torch.Tensor]] = defaultdict(dict)
         self._act_tokens: dict[LayerKey, dict[int, float]] = defaultdict(dict)
+        self._push: dict[LayerKey, dict[int, torch.Tensor]] = defaultdict(dict)
+        self._pending_push: list[tuple[LayerKey, torch.Tensor]] = []
+        self._push_dirs = {L: self._with_null(U, i) for i, (L, U) in enumerate(self.probes.items())}
         self._rows: dict[int, float] = defaultdict(float)
         self._rewards: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0])
         self._handles: list[Any] = []
@@ -141,17 +151,17 @@ class Capture:
         modules = dict(self.model.named_modules())
         if capture:
             for r in self.routes:
-                self._handles.append(weight_module(modules[r.name]).register_forward_hook(
-                    lambda m, a, out, r=r: self.capture(r, a[0] if a else None, out, m)))  # may expand out
-        self._handles.append(self.model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True))
+                self._handles.append(weight_module(modules[r.name]).register_forward_hook(LiveOnly(
+                    lambda m, a, out, r=r: self.capture(r, a[0] if a else None, out, m))))  # may expand out
+        self._handles.append(self.model.register_forward_pre_hook(LiveOnly(self._model_pre_hook), with_kwargs=True))
         if activations:
             for L, U in self.probes.items():
                 hook = self._activation_hook(U)
                 if isinstance(L, int):
-                    self._handles.append(add_residual_hook(self.model, L, hook))
+                    self._handles.append(add_residual_hook(self.model, L, hook, live_only=True))
                 else:
-                    self._handles.append(modules[L].register_forward_hook(
-                        lambda m, a, out, L=L, hook=hook: hook(L, out if torch.is_tensor(out) else out[0])))
+                    self._handles.append(modules[L].register_forward_hook(LiveOnly(
+                        lambda m, a, out, L=L, hook=hook: hook(L, out if torch.is_tensor(out) else out[0]))))
 
     def remove(self) -> None:
         for h in self._handles:
@@ -288,6 +298,41 @@ class Capture:
                 accb = self._Gb[t.module]
                 accb[e] = accb[e] + gb if e in accb else gb
 
+    @classmethod
+    def _with_null(cls, U: torch.Tensor, i: int) -> torch.Tensor:
+        """``[U | R]`` (d x (k + m)): the probe basis (columns oriented along the subspace's
+        directions) and m random orthonormal directions orthogonal to it (fixed seed per layer)."""
+        d, k = U.shape
+        m = min(cls.NULL_DIRECTIONS, d - k)
+        g = torch.Generator().manual_seed(7919 + i)
+        Ud = U.detach().double().cpu()
+        R = torch.randn(d, m, generator=g, dtype=torch.float64)
+        R = R - Ud @ (Ud.T @ R)
+        R, _ = torch.linalg.qr(R)
+        return torch.cat([Ud, R], dim=1).float().to(U.device)
+
+    @torch.no_grad()
+    def _push_backward(self, layer: LayerKey, g: torch.Tensor, w: torch.Tensor, env: torch.Tensor | None) -> None:
+        """The persona push of the backward pass at ``layer``: per row, ``−Σ_t w_t D ᵀ g_t`` with
+        ``g_t = ∂loss/∂h_t`` the residual gradient at token t, ``w`` the live-token mask and
+        ``D = [U | R]`` (:meth:`_with_null`). ``−Uᵀg`` is the first-order direction in which the
+        step moves the persona coordinates of these tokens (before any routing: it is what the
+        environment's loss asks of the residual stream); ``−Rᵀg`` the same along random
+        directions, whose spread is the push's null."""
+        D = self._push_dirs[layer]
+        D = D if D.device == g.device else D.to(g.device)
+        B = g.shape[0]
+        c = (g.float() @ D).reshape(B, -1, D.shape[1])
+        sums = -(c * w.to(c.device, c.dtype)[..., None]).sum(1)  # (B, k + m)
+        if env is None:
+            self._pending_push.append((layer, sums))
+            return
+        env = env.to(sums.device)
+        acc = self._push[layer]
+        for e in env.unique().tolist():
+            s = sums[env == e].sum(0)
+            acc[e] = acc[e] + s if e in acc else s
+
     def _activation_hook(self, U: torch.Tensor):
         per_device = {U.device: U.to(torch.float32)}
 
@@ -307,6 +352,8 @@ class Capture:
                     w = mask.to(c.device, c.dtype)
                 sums = (c * w[..., None]).sum(1)                  # (B, k)
                 tokens = w.sum(1)                                 # (B,)
+                if self.record_push and h.requires_grad:
+                    h.register_hook(lambda g, L=layer, w=w, env=self._ctx: self._push_backward(L, g.detach(), w, env))
                 if self._ctx is None:
                     self._pending_act.append((layer, sums, tokens))
                     return
@@ -349,12 +396,22 @@ class Capture:
                 acc = self._act[layer]
                 acc[e] = acc[e] + sums[rows].sum(0) if e in acc else sums[rows].sum(0)
                 self._act_tokens[layer][e] = self._act_tokens[layer].get(e, 0.0) + float(tokens[rows].sum())
+        by_layer_push: dict[LayerKey, list[torch.Tensor]] = defaultdict(list)
+        for layer, sums in self._pending_push:
+            by_layer_push[layer].append(sums)
+        for layer, parts in by_layer_push.items():
+            sums = torch.cat(parts)
+            env = ids.to(sums.device)[: sums.shape[0]]
+            acc = self._push[layer]
+            for e in env.unique().tolist():
+                s = sums[env == e].sum(0)
+                acc[e] = acc[e] + s if e in acc else s
         for e in ids.tolist():
             self._rows[e] += 1.0
-        self._pending, self._pending_act, self._pending_rows = [], [], 0
+        self._pending, self._pending_act, self._pending_rows, self._pending_push = [], [], 0, []
 
     def _has_pending(self) -> bool:
-        return bool(self._pending or self._pending_act or self._pending_rows)
+        return bool(self._pending or self._pending_act or self._pending_rows or self._pending_push)
 
     def _pending_row_count(self) -> int:
         """Rows run this step without environment ids (counted at the model's forward, or, for
@@ -385,7 +442,7 @@ class Capture:
 
     def _clear_step(self) -> None:
         """Forget this step's sums (gradients, activations, rows) and the batch's environments."""
-        for d in (self._G, self._Gb, self._act, self._act_tokens):
+        for d in (self._G, self._Gb, self._act, self._act_tokens, self._push):
             d.clear()
         self._last_grad.clear()  # the optimizer step is followed by zero_grad
         self._rows.clear()
@@ -394,4 +451,4 @@ class Capture:
     def reset_step(self) -> None:
         """Forget what was captured for a step the optimizer skipped."""
         self._clear_step()
-        self._pending, self._pending_act, self._pending_rows = [], [], 0
+        self._pending, self._pending_act, self._pending_rows, self._pending_push = [], [], 0, []

@@ -2,7 +2,8 @@
 
 Every rank captures what its own micro-batches produced; before the replay, one all-reduce
 (:func:`gradroute.distributed.all_reduce_sum`) adds up, in the declared environment order, the
-in-subspace gradients ``G_e`` (and bias blocks), the activation projection sums, and the counts
+in-subspace gradients ``G_e`` (and bias blocks), the activation projection sums, the persona
+push sums, and the counts
 (rows, live tokens, reward sums and counts), so that every rank computes the same shares.
 """
 
@@ -48,6 +49,10 @@ def all_reduce_step(cap: Capture) -> None:
         for e in range(n):
             tensors.append(cap._act[L].get(e, torch.zeros(k)))
             layout.append(("act", L, e, ()))
+        D = cap._push_dirs[L]
+        for e in range(n):
+            tensors.append(cap._push[L].get(e, torch.zeros(D.shape[1], device=D.device)))
+            layout.append(("push", L, e, ()))
     counts = torch.tensor([cap._rows.get(e, 0.0) for e in range(n)]
                           + [cap._act_tokens[L].get(e, 0.0) for L in cap.probes for e in range(n)]
                           + [v for e in range(n) for v in cap._rewards.get(e, [0.0, 0.0])], dtype=torch.float64)
@@ -57,6 +62,8 @@ def all_reduce_step(cap: Capture) -> None:
             cap._G[key][e] = t
         elif kind == "Gb":
             cap._Gb[key][e] = t
+        elif kind == "push":
+            cap._push[key][e] = t
         else:
             cap._act[key][e] = t
     c = out[-1].tolist()

@@ -26,19 +26,41 @@ scaling each step's adapter update (``C ← C_prev + m (C − C_prev)``, exact f
 Adam and AdamW, whose state does not depend on the learning rate). Discarding zeroes C: the
 model is then exactly its base. On save the adapter is a plain PEFT LoRA (B = Ũ, A = C).
 
-**Post-norm branches** (Gemma 2/3, OLMo 2; only with ``post_norm="first_order"``, refused
-otherwise): the write is the post-norm's output
-``w = g ⊙ y / rms(y)`` of the writer's output y. The detach and the adapter act on w (the
-adapter's input is still the writer's input x); the writer's base weight keeps its initial
-coordinates along ``V = orth(diag(g) Ũ)`` (the directions whose change reaches Ũᵀw), and the
-post-norm's gain g is held at its initial value while routing. Then, for fixed branch inputs,
-``Ũᵀ w_base = Ũᵀ diag(g) W x / rms(W x)`` keeps its numerator exactly; only the shared per-token
-``rms`` moves with the writer's out-of-span change: ``Ũᵀ Δw_base = −(Ũᵀw)·Δrms/rms``, a leak of
-first order in the step (measured in ``benchmarks/architecture_zoo.py``). Exact isolation would
-need the initial writer's output ``W_0 x`` in every forward (a frozen copy of the writers), and
-the discarded model would then not be plain weights: this mode keeps plain weights instead.
-Such an adapter adds after the norm, so it is not a PEFT LoRA on the writer: saving it as one
+**Post-norm branches** (Gemma 2/3, OLMo 2; refused unless ``post_norm`` is ``"exact"`` or
+``"first_order"``): the write is the post-norm's output ``w = n(y) = g ⊙ y / rms(y)`` of the
+writer's output ``y = W x``. The detach and the adapter act on w (the adapter's input is still
+the writer's input x). No change of plain weights can keep ``Ũᵀ w`` fixed for every x: with
+``Ũᵀ diag(g) ΔW = 0`` the numerator holds, but ``rms(W x)`` moves with any other change (holding
+it for all x needs ``W'ᵀW' = WᵀW``). Hence two options:
+
+- ``post_norm="exact"``: the write's in-span part is taken from a frozen copy of the writer and
+  the norm as they were at attach (``W_0``, ``g_0``)::
+
+      w' = (I − Ũ Ũᵀ) n(W x) + Ũ Ũᵀ n_0(W_0 x) + s · Ũ (C x)
+
+  (the frozen branch runs without gradient: x gets none through it, as through the detach).
+  The base — writer, norm gain, and the user's LoRA on it — then trains freely and its write's
+  in-span part is ``Ũ Ũᵀ n_0(W_0 x)`` exactly, for any x; at attach ``w' = w``. The cost is one
+  frozen copy of each routed post-norm writer (o_proj and down_proj of the blocks up to the
+  last persona layer) and one more no-grad matmul per forward. The discarded model is this
+  construction (exact while the router is attached; kept in checkpoints' router state): the
+  plain weights alone are not the discarded model, so ``save_discarded`` refuses it, and
+  ``detach()`` warns that it returns to plain weights.
+- ``post_norm="first_order"``: plain weights. The writer's base weight keeps its initial
+  coordinates along ``V = orth(diag(g) Ũ)`` and the gain g is held while routing; only the shared
+  per-token rms moves: ``Ũᵀ Δw_base = −(Ũᵀw)·Δrms/rms``, a leak of first order in the step
+  (measured in ``benchmarks/architecture_zoo.py``).
+
+Either adapter adds after the norm, so it is not a PEFT LoRA on the writer: saving it as one
 is refused.
+
+**FSDP2** (``fully_shard``, accelerate's FSDP2): the adapters are parameters of the model, so the
+router is built before the model is sharded (``gradroute.attach`` is: accelerate shards inside
+``train()``) and the root module is sharded too, which shards the adapters with it (refused
+otherwise: unsharded adapters would get no gradient averaging across ranks). The forward hooks
+read each adapter from the model at call time (FSDP2's all-gathered copy during the forward);
+the step reads the small adapters whole (:func:`gradroute.projection.full`) and writes each
+rank's slab back; the base pins act on the shards (:mod:`gradroute.router.route`).
 
 **Mixture-of-experts blocks** (Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE): the write is the block's
 output (the gated sum of its experts and shared experts). The detach and the adapter act on it
@@ -58,7 +80,7 @@ import torch
 from torch import nn
 
 from ... import projection as P
-from ...errors import ConfigError
+from ...errors import AdapterError, CheckpointError, ConfigError
 from ...layers import EMBEDDINGS
 from ...model import residual_writes, unwrap_model
 from ...plan import RoutingPlan, build_plan
@@ -78,6 +100,27 @@ class _StandIn(nn.Linear):
         super().__init__(d, d, bias=False, dtype=dtype, device=device)
         nn.init.zeros_(self.weight)
         self.weight.requires_grad_(False)
+
+
+def _frozen_copy(module: nn.Module) -> nn.Module:
+    """A frozen, hook-free copy of ``module`` (``post_norm="exact"``'s ``W_0`` and ``n_0``): not a
+    submodule of the model, so neither trained, nor saved by ``save_pretrained``, nor moved by
+    ``model.to`` (the hook moves it to its input's device)."""
+    import copy
+
+    m = copy.deepcopy(module)
+    for sub in m.modules():
+        for hooks in (sub._forward_hooks, sub._forward_pre_hooks, sub._backward_hooks,
+                      getattr(sub, "_forward_hooks_with_kwargs", {}), getattr(sub, "_forward_pre_hooks_with_kwargs", {})):
+            hooks.clear()
+    m.requires_grad_(False)
+    return m
+
+
+@torch.no_grad()
+def _write(p: torch.Tensor, value: torch.Tensor) -> None:
+    """``p ← value`` in place (``value``: the full tensor); a sharded ``p`` takes its slab."""
+    P.local(p).copy_(P.local_slab_of(value, p).to(p.dtype))
 
 
 class _RemoveSpanGrad(torch.autograd.Function):
@@ -124,6 +167,7 @@ class ActivationMode(RoutingMode):
     weights_hold_adapter = False
     captures_gradients = True
     default_lr_multiplier = 30.0
+    supports_sharding = True  # adapters sharded with the model; pins act on shards (module docstring)
 
     # ------------------------------------------------------------------ plan
     @classmethod
@@ -146,7 +190,7 @@ class ActivationMode(RoutingMode):
                 f"mode='activation' needs residual-stream layers (integers), got {list(subspace.layers)}.",
                 "build the subspace on residual layers (Subspace.from_probe / from_sae on resid_post hooks).")
         experts: dict[str, list[tuple[str, int]]] = {}
-        post: dict[str, str] | None = {} if post_norm == "first_order" else None
+        post: dict[str, str] | None = {} if post_norm in ("first_order", "exact") else None
         emb, writers = residual_writes(model, post_norm=post, experts=experts)
         spans = cumulative_spans(subspace, [EMBEDDINGS] + list(range(len(writers))))
         if experts:  # a stand-in writer on each routed mixture-of-experts block (blocks up to the last span)
@@ -185,6 +229,12 @@ class ActivationMode(RoutingMode):
         self.multiplier = float(o.get("adapter_lr_multiplier") or self.default_lr_multiplier)
         self.adapter_lr = o.get("adapter_lr")
         base = unwrap_model(self.ctx.model)
+        if any(P.is_sharded(r.weight) for r in self.ctx.routes):
+            raise ConfigError(
+                "mode='activation' adds its adapters to the model as parameters, but the model is already sharded "
+                "(FSDP2: the routed writers are DTensors), so the adapters would not be sharded and averaged with it.",
+                "build the router (gradroute.attach / GradientRouter) before fully_shard, then fully_shard the blocks "
+                "and the root model.")
         container = getattr(base, ADAPTERS_ATTR, None)
         if container is not None:
             raise ConfigError("this model already has activation-routing adapters (a second router?).",
@@ -200,6 +250,9 @@ class ActivationMode(RoutingMode):
         self.moe: dict[str, nn.Module] = {}  # stand-in route -> the mixture-of-experts block it stands for
         modules = dict(base.named_modules())
         self.gains: list[tuple[nn.Parameter, torch.Tensor]] = []  # post-norm gains, held while routing
+        self.gain_norms: list[nn.Module] = []  # the norm of each gain (to find it again after sharding)
+        self.exact_post_norm = o.get("post_norm") == "exact"
+        self.frozen: dict[str, tuple[nn.Module, nn.Module]] = {}  # post_norm="exact": writer -> (W_0, n_0) copies
         for r in self.ctx.routes:
             pin = r
             if r.name in experts:
@@ -208,14 +261,18 @@ class ActivationMode(RoutingMode):
                 for pname, axis in experts[r.name]:
                     param = block.get_parameter(pname)
                     if param.requires_grad:
-                        self.pinned.append(CoordBlock(param, axis, r))
+                        self.pinned.append(CoordBlock.of(block, pname, axis, r))
             elif r.name in post:
                 norm = modules[post[r.name]]
                 self.post_norm[r.name] = norm
-                pin = self._oblique_route(r, norm)
-                g = norm.weight
-                if isinstance(g, nn.Parameter) and g.requires_grad:
-                    self.gains.append((g, g.detach().clone()))
+                if self.exact_post_norm:
+                    self.frozen[r.name] = (_frozen_copy(r.module), _frozen_copy(norm))
+                else:
+                    pin = self._oblique_route(r, norm)
+                    g = norm.weight
+                    if isinstance(g, nn.Parameter) and g.requires_grad:
+                        self.gains.append((g, g.detach().clone()))
+                        self.gain_norms.append(norm)
             t = r.target
             dtype = torch.float64 if r.weight.dtype == torch.float64 else torch.float32
             p = nn.Parameter(torch.zeros(t.adapter_shape, dtype=dtype, device=dev))
@@ -224,12 +281,15 @@ class ActivationMode(RoutingMode):
             self.prev[r.name] = r.blocks[0].adapter.clone()
             # the user's LoRA B first (the weight block reads W + s·B·A), then the module's own
             # trainable parameters; frozen ones never move, so they are never touched
+            if r.name in self.frozen:
+                continue  # the base trains freely: its write's in-span part comes from the frozen copy
             self.pinned += self._user_lora_blocks(r, pin)
             if r.weight.requires_grad and r.name not in self.moe:
                 self.pinned.append(pin.blocks[0])
-            wm_bias = getattr(r.module if not hasattr(r.module, "base_layer") else r.module.base_layer, "bias", None)
+            wm = r.module.base_layer if hasattr(r.module, "base_layer") else r.module
+            wm_bias = getattr(wm, "bias", None)
             if isinstance(wm_bias, nn.Parameter) and wm_bias.requires_grad:
-                self.pinned.append(CoordBlock(wm_bias, 0, pin))
+                self.pinned.append(CoordBlock.of(wm, "bias", 0, pin))
         base.add_module(ADAPTERS_ATTR, container)
         # saved models hold the base; the adapter is saved as a PEFT LoRA (and in checkpoints'
         # router state), so keep its parameters out of save_pretrained's state dict
@@ -238,7 +298,7 @@ class ActivationMode(RoutingMode):
         self.container = container
         self.nonzero = False  # no-grad forwards skip the adapters while they are exactly zero
         self.attribution: Any = None
-        if self.post_norm:
+        if self.post_norm and not self.exact_post_norm:
             import warnings
 
             from ...errors import GradrouteWarning
@@ -275,11 +335,22 @@ class ActivationMode(RoutingMode):
                               "never reach the residual stream.", "check the model's weights.")
         return Route(r.target, r.module, V, r.dtype)
 
-    def _keep_input(self, r: Route):
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            if args and torch.is_tensor(args[0]):
-                self._inputs[r.name] = args[0]
-        return hook
+    @staticmethod
+    @torch.no_grad()
+    def _frozen_write(frozen: tuple[nn.Module, nn.Module], x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``n_0(W_0 x)``: the post-norm write of the writer and norm frozen at attach."""
+        writer, norm = frozen
+        ref = next(writer.parameters())
+        if ref.device != x.device:
+            writer.to(x.device)
+            norm.to(x.device)
+        return norm(writer(x.detach())).to(dtype)
+
+    def _module(self, name: str) -> nn.Module:
+        return next(r.module for r in self.ctx.routes if r.name == name)
+
+    def _keep_input(self, r: Route) -> _KeepInput:
+        return _KeepInput(self._inputs, r.name)
 
     def _user_lora_blocks(self, r: Route, pin: Route) -> list[CoordBlock]:
         """The user's LoRA on this writer: its B's in-span coordinates are kept at zero."""
@@ -328,6 +399,37 @@ class ActivationMode(RoutingMode):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.params.values())
 
+    def rebind(self) -> bool:
+        """After ``fully_shard`` / accelerate's FSDP2 ``prepare``: the adapters, the pinned
+        parameters and the held gains are the model's new (DTensor) parameters."""
+        changed = False
+        for name, old in list(self.params.items()):
+            new = self.container.coords[_Adapters.key(name)]
+            if new is not old and (P.is_sharded(new) or not P.is_sharded(old)):  # never FSDP2's unsharded copy
+                self.params[name] = new
+                changed = True
+        for blk in self.pinned:
+            changed = blk.rebind() or changed
+        gains = []
+        for (g, g0), norm in zip(self.gains, self.gain_norms):
+            new = norm.weight
+            if new is not g and (P.is_sharded(new) or not P.is_sharded(g)):
+                g, changed = new, True
+            gains.append((g, g0))
+        self.gains = gains
+        if changed:
+            routed = any(P.is_sharded(r.weight) for r in self.ctx.routes)
+            plain = [n for n, p in self.params.items() if not P.is_sharded(p)]
+            if routed and plain:
+                raise ConfigError(
+                    f"the model is sharded (FSDP2) but the activation-routing adapters are not (e.g. {plain[0]!r}): "
+                    "their gradients would not be averaged across ranks, so the ranks' adapters would drift apart.",
+                    "fully_shard the root model too (after the blocks), so it shards model.gradroute_adapters.")
+            if self.attribution is not None:
+                self.attribution.use_parameter_gradients(self.params)
+            self._checked_optimizer = False
+        return changed
+
     def check_optimizer(self, stepped: set[int]) -> None:
         missing = [n for n, p in self.params.items() if id(p) not in stepped]
         if missing:
@@ -343,6 +445,18 @@ class ActivationMode(RoutingMode):
         for h in self.handles:
             h.remove()
         self.handles = []
+        if self.frozen and any(not torch.equal(P.local(p), P.local_slab_of(q.to(P.local(p).device), p))
+                               for name, (w0, _) in self.frozen.items()
+                               for p, q in zip(self._module(name).parameters(), w0.parameters())):
+            import warnings
+
+            from ...errors import GradrouteWarning
+
+            warnings.warn(
+                f"detaching post_norm='exact' routing: the {len(self.frozen)} post-norm writes go back to the plain "
+                "weights, whose in-span part has moved since attach (the frozen copies held it), so the model is no "
+                "longer the routed base.", GradrouteWarning, stacklevel=3)
+        self.frozen = {}
         base = unwrap_model(self.ctx.model)
         if getattr(base, ADAPTERS_ATTR, None) is self.container:
             delattr(base, ADAPTERS_ATTR)
@@ -353,41 +467,8 @@ class ActivationMode(RoutingMode):
                 delattr(block, WRITE_ATTR)
 
     # ------------------------------------------------------------------ forward hook
-    def _hook(self, r: Route):
-        orient = r.target.orientation
-        U32 = r.basis32()
-        name = r.name
-
-        post = name in self.post_norm
-        moe = name in self.moe
-
-        def hook(module: nn.Module, args: tuple, *rest: Any) -> Any:
-            output = rest[-1]  # (output,), or (kwargs, output) for a hook registered with_kwargs
-            if moe and isinstance(output, tuple) and output and torch.is_tensor(output[0]):
-                new = hook(module, args, *rest[:-1], output[0])  # (hidden, router logits): route the hidden part
-                return None if new is None else (new, *output[1:])
-            if not torch.is_tensor(output):
-                return None
-            if moe:
-                x = args[0] if args else rest[0].get("hidden_states")
-            else:
-                x = self._inputs.pop(name, None) if post else (args[0] if args else None)
-            grad = torch.is_grad_enabled()
-            if not grad and not self.nonzero:
-                return None
-            U = r.basis() if output.dtype == torch.float64 else U32  # float64 weights: a float64 detach
-            U = U if U.device == output.device else U.to(output.device)
-            y = _RemoveSpanGrad.apply(output, U) if grad and output.requires_grad else output
-            C = self.params[name]
-            if x is None:
-                return y
-            xin = x.detach()
-            out = y + orient.delta_forward(xin, C.to(output.dtype), U.to(output.dtype))
-            if grad and self.attribution is not None and out.requires_grad:
-                per_row = self.attribution.capture(r, xin, out, r.module)  # a broadcast embedding comes back per row
-                out = out if per_row is None else per_row
-            return out
-        return hook
+    def _hook(self, r: Route) -> _WriteHook:
+        return _WriteHook(self, r, "moe" if r.name in self.moe else "post_norm" if r.name in self.post_norm else "linear")
 
     # ------------------------------------------------------------------ the step
     def _lr_multiplier(self) -> float:
@@ -407,8 +488,8 @@ class ActivationMode(RoutingMode):
         if not self._checked_optimizer:
             if self.ctx.optimizer() is not None:
                 self.check_optimizer({id(p) for g in self.ctx.optimizer().param_groups for p in g["params"]})
-            elif all(bool((p == 0).all()) for p in self.params.values()) and any(
-                    p.grad is not None and bool(p.grad.abs().max() > 0) for p in self.params.values()):
+            elif all(bool((P.full(p.detach()) == 0).all()) for p in self.params.values()) and any(
+                    p.grad is not None and bool(P.full(p.grad).abs().max() > 0) for p in self.params.values()):
                 raise ConfigError(
                     "the activation-routing adapters have gradients but did not change in this step: the "
                     "optimizer was probably created before the router and does not train them.",
@@ -421,31 +502,34 @@ class ActivationMode(RoutingMode):
             p = self.params[r.name]
             b = r.blocks[0]
             prev = self.prev[r.name]
-            new = p.detach().to(r.dtype)
+            new = P.full(p.detach()).to(r.dtype)  # the whole adapter (small), also when sharded
             if m != 1.0:
                 new = prev + m * (new - prev)
-                p.copy_(new.to(p.dtype))
-                new = p.detach().to(r.dtype)   # what the parameter holds
+                _write(p, new)
+                new = new.to(p.dtype).to(r.dtype)   # what the parameter holds
             deltas[r.name] = [new - prev]
             b.adapter = new
             self.prev[r.name] = new.clone()
         for blk in self.pinned:               # the base never moves inside the span
             blk.set_coords(blk.ref0)
+        for r in self.ctx.routes:             # post_norm="exact": the base moves freely, its coordinates are its own
+            if r.name in self.frozen:
+                r.blocks[0].ref0 = r.blocks[0].coords()
         for g, g0 in self.gains:              # post-norm gains are held while routing
-            g.copy_(g0)
+            _write(g, g0)
         self.nonzero = True  # after a step the adapters may hold something (exact again after discard/merge/load)
         return deltas
 
     # ------------------------------------------------------------------ the adapter in the model
     def effective(self, block: CoordBlock) -> torch.Tensor:
-        return block.effective().to(block.route.dtype) + block.lift(block.adapter)
+        return block.add_lift(block.effective().to(block.route.dtype), block.adapter)
 
     @torch.no_grad()
     def set_adapter(self, route: Route, adapters: list[torch.Tensor]) -> None:
         b = route.blocks[0]
         p = self.params[route.name]
-        p.copy_(adapters[0].to(p.dtype))
-        b.adapter = p.detach().to(route.dtype)
+        _write(p, adapters[0])
+        b.adapter = adapters[0].to(p.dtype).to(route.dtype)  # what the parameter holds
         self.prev[route.name] = b.adapter.clone()
 
     def cleared(self, route: Route) -> None:
@@ -453,19 +537,114 @@ class ActivationMode(RoutingMode):
 
     @torch.no_grad()
     def merge(self, route: Route) -> None:
+        if self.moe or self.post_norm:  # checked for every route, so nothing is merged before refusing
+            some = sorted(self.moe or self.post_norm)[0]
+            raise AdapterError(
+                f"the persona adapter of {some!r} adds to a {'mixture-of-experts block' if self.moe else 'post-norm'}'s "
+                "output, which no change of that block's weights reproduces: it cannot be merged into the base.",
+                "keep the adapter beside the model (router.save_state), or discard it (router.discard()).")
         b = route.blocks[0]
         b.ref0 = b.set_coords(b.ref0 + b.adapter)
         self.set_adapter(route, [torch.zeros_like(b.adapter)])
 
     def adapter_changed(self) -> None:
-        self.nonzero = any(bool(p.abs().max() > 0) for p in self.params.values())
+        self.nonzero = any(bool(P.full(p.detach()).abs().max() > 0) for p in self.params.values())
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        return {}, {"post_norm": self.options.get("post_norm", "refuse")}
+        """``post_norm="exact"``'s frozen writers and norms (``W_0``, ``n_0``) go with the state:
+        a resumed run keeps taking the in-span write from the weights of the original attach."""
+        tensors = {f"frozen.{name}.{part}.{k}": v.detach().cpu().contiguous()
+                   for name, mods in self.frozen.items() for part, m in zip(("writer", "norm"), mods)
+                   for k, v in m.state_dict().items()}
+        return tensors, {"post_norm": self.options.get("post_norm", "refuse")}
 
     @torch.no_grad()
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        for name, mods in self.frozen.items():
+            for part, m in zip(("writer", "norm"), mods):
+                prefix = f"frozen.{name}.{part}."
+                saved = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+                if not saved:
+                    raise CheckpointError(f"the router state has no frozen copy of {name!r} ({part}) for "
+                                          "post_norm='exact': it was saved by another routing.",
+                                          "resume with the post_norm the run was started with (see its router state).")
+                m.load_state_dict({k: v.to(p.device, p.dtype) for (k, v), p in
+                                   zip(sorted(saved.items()), (m.state_dict()[k] for k in sorted(saved)))})
         for r in self.ctx.routes:
             self.set_adapter(r, [r.blocks[0].adapter])
         self.adapter_changed()
+
+
+class _KeepInput:
+    """Forward hook on a post-norm writer: keeps its input x for the norm's :class:`_WriteHook`."""
+
+    def __init__(self, inputs: dict[str, torch.Tensor], name: str):
+        self.inputs, self.name = inputs, name
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if args and torch.is_tensor(args[0]):
+            self.inputs[self.name] = args[0]
+
+
+class _WriteHook:
+    """The forward hook on a routed write ``y`` (a writer's, a post-norm's or a mixture-of-experts
+    block's output) with writer input x::
+
+        y' = RemoveSpanGrad(y) [+ Ũ Ũᵀ (n_0(W_0 x) − y)]  + s · Ũ (C x)
+
+    (the bracket only for ``post_norm="exact"``). A copy of the model (``copy.deepcopy``,
+    ``pickle``) keeps a copy of this hook without the live mode (``__getstate__``): it computes
+    the same function with the copy's own adapters, and records nothing (no attribution)."""
+
+    def __init__(self, mode: ActivationMode | None, r: Route, kind: str):
+        self.mode, self.route = mode, r
+        self.name, self.kind = r.name, kind
+        self.orient = r.target.orientation
+        self.U32, self.U64 = r.basis32(), r.basis()
+        self.C = mode.params[r.name] if mode is not None else None
+        # the adapter is read from the model at call time: FSDP2 swaps in its all-gathered copy for
+        # the forward (and replaces the parameter when it shards the model after the router is built)
+        self.container = mode.container if mode is not None else None
+        self.key = _Adapters.key(r.name)
+        self.frozen = mode.frozen.get(r.name) if mode is not None else None
+        self.inputs = mode._inputs if mode is not None else {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "mode": None, "route": None}
+
+    def __call__(self, module: nn.Module, args: tuple, *rest: Any) -> Any:
+        output = rest[-1]  # (output,), or (kwargs, output) for a hook registered with_kwargs
+        moe, frozen, mode = self.kind == "moe", self.frozen, self.mode
+        if moe and isinstance(output, tuple) and output and torch.is_tensor(output[0]):
+            new = self(module, args, *rest[:-1], output[0])  # (hidden, router logits): route the hidden part
+            return None if new is None else (new, *output[1:])
+        if not torch.is_tensor(output):
+            return None
+        if moe:
+            x = args[0] if args else rest[0].get("hidden_states")
+        else:
+            x = self.inputs.pop(self.name, None) if self.kind == "post_norm" else (args[0] if args else None)
+        grad = torch.is_grad_enabled()
+        if not grad and mode is not None and not mode.nonzero and frozen is None:
+            return None  # the adapters are exactly zero: the forward is the plain one
+        U = self.U64 if output.dtype == torch.float64 else self.U32  # float64 weights: a float64 detach
+        U = U if U.device == output.device else U.to(output.device)
+        y = _RemoveSpanGrad.apply(output, U) if grad and output.requires_grad else output
+        if x is None:
+            if frozen is not None:
+                raise ConfigError(f"post_norm='exact' did not see the input of {self.name!r} before its post-norm ran.",
+                                  "call the model's forward as a whole (not the norm alone), or use post_norm='first_order'.")
+            return y
+        Ut = U.to(output.dtype)
+        if frozen is not None:  # the in-span part from the frozen branch: y + ŨŨᵀ(n_0(W_0 x) − y)
+            y = y + ((ActivationMode._frozen_write(frozen, x, output.dtype) - output.detach()) @ Ut) @ Ut.T
+        xin = x.detach()
+        C = self.container.coords[self.key] if self.container is not None else self.C
+        assert C is not None
+        out = y + self.orient.delta_forward(xin, C.to(output.dtype), Ut)
+        attribution = mode.attribution if mode is not None else None
+        if grad and attribution is not None and out.requires_grad:
+            per_row = attribution.capture(self.route, xin, out, self.route.module)  # a broadcast embedding comes back per row
+            out = out if per_row is None else per_row
+        return out

@@ -9,7 +9,9 @@ at fixed points of each step:
   the step);
 - ``after_step()``: after ``optimizer.step()``, bring every route block's ``adapter`` up to
   date and return the step's ΔA per module and block;
-- ``effective(block)``: the model's effective parameter (base + U A) in the bookkeeping dtype;
+- ``effective(block)``: the model's effective parameter (base + U A) in the bookkeeping dtype
+  (sharded like the parameter under FSDP2);
+- ``rebind()``: re-find the mode's own model parameters after FSDP2 / accelerate replaced them;
 - ``set_adapter(route, adapters)``: make the model hold these adapter coordinates (discard);
 - ``merge(route)``: accept the adapter into the base;
 - ``state_dict`` / ``load_state_dict``: what the mode adds to the router's state file.
@@ -48,6 +50,8 @@ class RoutingMode:
     #: the mode feeds attribution itself (its own hooks see the adapter's gradient)
     captures_gradients: ClassVar[bool] = False
     default_lr_multiplier: ClassVar[float] = 1.0
+    #: the mode routes FSDP2-sharded (DTensor) parameters correctly; False: the router refuses them
+    supports_sharding: ClassVar[bool] = False
 
     def __init__(self, ctx: ModeContext, options: dict[str, Any]):
         self.ctx = ctx
@@ -82,6 +86,11 @@ class RoutingMode:
 
     def check_optimizer(self, stepped: set[int]) -> None:
         """Refuse an optimizer that misses what the mode needs it to step (ids of its params)."""
+
+    def rebind(self) -> bool:
+        """Find the mode's own model parameters again by name after FSDP2 / accelerate replaced
+        them (the routes' parameters are re-found by the router). True if any changed."""
+        return False
 
     def bind(self, optimizer: torch.optim.Optimizer) -> list[Any]:
         return []

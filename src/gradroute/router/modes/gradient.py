@@ -25,6 +25,7 @@ from .base import RoutingMode
 
 class GradientMode(RoutingMode):
     name = "gradient"
+    supports_sharding = True  # coordinates read from and written into FSDP2 shards (route.py)
 
     def setup(self) -> None:
         o = self.options

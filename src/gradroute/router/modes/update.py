@@ -16,6 +16,7 @@ from .base import RoutingMode
 
 class UpdateMode(RoutingMode):
     name = "update"
+    supports_sharding = True  # coordinates read from and written into FSDP2 shards (route.py)
 
     def after_step(self) -> dict[str, list[torch.Tensor]]:
         deltas: dict[str, list[torch.Tensor]] = {}
