@@ -1,8 +1,10 @@
 """Attribution + monitor overhead on a GRPO step (TRL GRPOTrainer, 4 environments, CPU).
 
 Variants of the same run: plain GRPO, GRPO + router only (``attach(env_column=None)``),
-GRPO + router + per-environment attribution + monitor/log (``attach(env_column="env")``), and
-the same two in activation mode (``mode="activation"``).
+GRPO + router + per-environment attribution + monitor/log (``attach(env_column="env")``), the
+same two in activation mode (``mode="activation"``), and activation + attribution without the
+persona push (the locating signal's backward hooks, ``Capture.record_push = False``): the
+push's own cost is the difference of the last two.
 The variants run in alternation (A B C A B C ...) and each step's wall time is taken from
 ``on_step_begin`` to ``on_step_end``; the ratio is the median over rounds of
 median-step(variant) / median-step(plain) within the round. Also reported: the time spent inside gradroute's own step work.
@@ -62,10 +64,24 @@ def run(variant: str, *, d: int, layers: int, steps: int, gens: int, length: int
                           callbacks=[timer])
     g = torch.Generator().manual_seed(1)
     sub = gr.Subspace.from_directions({L: torch.randn(k, d, generator=g) for L in range(layers)})
+    from gradroute.router.attribution.capture import Capture
+
+    Capture.record_push = not variant.endswith("-nopush")
+    try:
+        return _train(trainer, variant, sub)
+    finally:
+        Capture.record_push = True
+
+
+def _train(trainer, variant: str, sub) -> tuple[list[float], float]:
+    import gradroute as gr
+
+    timer = next(c for c in trainer.callback_handler.callbacks if isinstance(c, StepTimer))
+    steps = trainer.args.max_steps
     inner = 0.0
     if variant != "plain":
         mode = "activation" if variant.startswith("activation") else "update"
-        handle = gr.attach(trainer, sub, env_column="env" if variant.endswith("attributed") else None, mode=mode)
+        handle = gr.attach(trainer, sub, env_column="env" if "attributed" in variant else None, mode=mode)
         step = handle.router.step
 
         def timed(*a, **kw):
@@ -88,7 +104,7 @@ def main(argv=None) -> dict[str, float]:
     size = dict(d=64, layers=2, steps=3, gens=4, length=8, k=2) if a.quick else \
         dict(d=256, layers=4, steps=10, gens=8, length=32, k=16)
     rounds = 1 if a.quick else a.rounds
-    variants = ("plain", "routed", "attributed", "activation", "activation+attributed")
+    variants = ("plain", "routed", "attributed", "activation", "activation+attributed", "activation+attributed-nopush")
     times: dict[str, list[float]] = {v: [] for v in variants}
     per_round: dict[str, list[float]] = {v: [] for v in variants}
     inner: dict[str, list[float]] = {v: [] for v in variants[1:]}

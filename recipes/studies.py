@@ -19,7 +19,9 @@ Then the jobs are assembled into ``docs/results/``:
 - ``claims_study.json``, ``claims_lowhack.json`` (``--hack-rate 0.02``) and
   ``claims_sweeps.json`` (adapters x100, penalty weights 10 and 100, steering scale 1/4);
 - ``sft_anchoring.json``: ``recipes/sft_anchoring.py`` with its tiny config;
-- ``colour_anchoring.json``: ``recipes/colour_anchoring.py``, seeds 0-4, and its ``--conflict``.
+- ``colour_anchoring.json``: ``recipes/colour_anchoring.py``, seeds 0-4, and its ``--conflict``;
+- ``locate_study.json``: ``recipes/locate_study.py`` (locating signal and halting rules as
+  detectors), seeds 9-13 (seeds 3-8 were used while the signal was designed).
 
 ``python tools/readme_results.py --write`` then renders the README's result blocks from them,
 and ``tests/test_readme_results.py`` checks that the README and these files agree.
@@ -61,7 +63,8 @@ CLAIMS: dict[str, tuple[str, str | None, dict[str, Any], dict[str, Any]]] = {
     "pen100": ("claims_sweeps.json", "pen100", {}, {"arms": ("unrouted", "penalty"), "penalty_weight": 100.0}),
     "steer025": ("claims_sweeps.json", "steer025", {}, {"arms": ("unrouted", "steering"), "steering_scale": 0.25}),
 }
-STUDIES = ("demo", "activation", "claims", "sft", "colour")
+LOCATE_SEEDS = (9, 10, 11, 12, 13)
+STUDIES = ("demo", "activation", "claims", "sft", "colour", "locate")
 
 
 def jobs(only: tuple[str, ...] = STUDIES) -> list[str]:
@@ -71,6 +74,8 @@ def jobs(only: tuple[str, ...] = STUDIES) -> list[str]:
         out += [f"claims/{name}/{s}" for name in CLAIMS for s in SEEDS]
     if "activation" in only:
         out += [f"activation/three_seeds/{s}" for s in SEEDS] + [f"activation/{k}/0" for k in ACTIVATION_SWEEPS]
+    if "locate" in only:
+        out += [f"locate/default/{s}" for s in LOCATE_SEEDS]
     if "demo" in only:
         out.append("demo/default/0")
     if "sft" in only:
@@ -108,6 +113,8 @@ def run_job(job: str, work: Path) -> dict[str, Any]:
     if study == "activation":
         args = {**ACTIVATION, **ACTIVATION_SWEEPS}[name]
         return _recipe("activation_study").main(["--seeds", seed, "--out", str(scratch), *args])
+    if study == "locate":
+        return _recipe("locate_study").main(["--seeds", seed, "--out", str(scratch)])
     if study == "colour":
         args = ["--conflict"] if name == "conflict" else ["--seeds", "0", "1", "2", "3", "4", "--out", str(scratch)]
         return _recipe("colour_anchoring").main(args)
@@ -167,6 +174,17 @@ def assemble(work: Path, only: tuple[str, ...] = STUDIES) -> list[Path]:
         sweeps = {k: merged(k, (0,)) for k in ACTIVATION_SWEEPS}
         if three is not None and all(v is not None for v in sweeps.values()):
             write("activation_study.json", {"three_seeds": three, "seed0_sweeps": sweeps})
+    if "locate" in only:
+        parts = [load(f"locate/default/{s}") for s in LOCATE_SEEDS]
+        if all(p is not None for p in parts):
+            res: dict[str, Any] = {"config": {**parts[0]["config"], "seeds": list(LOCATE_SEEDS), "out": None},
+                                   "seeds": {}}
+            for p in parts:
+                res["seeds"].update(p["seeds"])
+            for seed in res["seeds"].values():  # the per-step trajectories stay in the job files
+                for run in seed["runs"].values():
+                    run.pop("z_trajectory", None)
+            write("locate_study.json", res)
     if "claims" in only:
         files: dict[str, dict[str, Any]] = {}
         complete = True

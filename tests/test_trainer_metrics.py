@@ -87,8 +87,11 @@ def test_tensorboard_gets_the_jsonl_values_of_the_logged_step(tb_run):
             name = "gradroute/" + col.replace(".", "/")
             if col in ("time",) or col.startswith(("reward.", "samples.")):
                 continue
-            if isinstance(value, list):  # the signed activation projection: one scalar per direction
-                assert col.startswith("activation.") and value
+            if isinstance(value, list) and col.startswith("push_null."):  # the random pushes: their RMS
+                assert _close(tb[name][s], math.sqrt(sum(x * x for x in value) / len(value)))
+                checked += 1
+            elif isinstance(value, list):  # signed activation projection / persona push: one scalar per direction
+                assert col.startswith(("activation.", "push.")) and value
                 for i, x in enumerate(value):
                     assert _close(tb[f"{name}/{i}"][s], x), (col, i)
                     checked += 1

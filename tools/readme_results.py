@@ -378,7 +378,18 @@ def colour(res: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def locate(res: dict[str, Any]) -> str:
+    """The locate study's tables (``recipes/locate_study.py``'s summary of the per-seed results)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("locate_study", ROOT / "recipes" / "locate_study.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod.summarize(res)
+
+
 RENDERERS: dict[str, Callable[[], str]] = {
+    "locate": lambda: locate(load("locate_study.json")),
     "activation-table": lambda: activation_table(load("activation_study.json")),
     "activation-findings": lambda: activation_findings(load("activation_study.json")),
     "activation-sweeps": lambda: activation_sweeps(load("activation_study.json")),

@@ -11,6 +11,9 @@ Each rule looks at the newest step record (a typed
 - ``ActivationDriftRule(max_z, baseline_steps)``: an environment's mean activation projection
   ``mean Uᵀh`` at some layer has moved more than ``max_z`` baseline standard deviations from
   its mean over the first ``baseline_steps`` records (the Persona-Vectors monitoring signal).
+- ``PushRule(max_z, min_steps)``: an environment's locating score — its cumulative persona push
+  over random directions' (:mod:`gradroute.monitor.locate`) — exceeds ``max_z`` (after
+  ``min_steps`` records): its loss keeps asking for more of the persona than any direction gets.
 - ``NonFiniteRule()``: the step's in-subspace update is NaN/Inf.
 - ``NonFiniteRewardRule(max_count)``: more than ``max_count`` NaN/None rewards in one
   environment since the start of the run (``record.nonfinite_rewards_total``).
@@ -214,6 +217,55 @@ class ActivationDriftRule(Rule):
         return None
 
 
+class PushRule(Rule):
+    """An environment's locating score ``Z_e = S_e(u) / sqrt(mean_j S_e(r_j)²)`` (its cumulative
+    persona push over the cumulative pushes of random directions,
+    :func:`gradroute.monitor.locate.locate_scores`, along the subspace's first direction at every
+    probe layer) exceeds ``max_z``, once ``min_steps`` records are in.
+
+    The sums are folded in one record at a time (the monitor keeps only a window of history);
+    they restart with the records given when the step number goes back (a new run, a resume)."""
+
+    name = "push_z"
+
+    def __init__(self, max_z: float, min_steps: int = 5, action: Any = None):
+        self.max_z = _positive("max_push_z", max_z)
+        self.min_steps = _count("push_min_steps", min_steps, 1)
+        self.action = action
+        self._sums: dict[str, tuple[float, list[float]]] = {}
+        self._last: int | None = None
+        self._count = 0
+
+    def _fold(self, rec: StepRecord) -> None:
+        from .monitor.locate import push_terms
+
+        for env, (p, r) in push_terms(rec).items():
+            if env in self._sums:
+                p0, r0 = self._sums[env]
+                self._sums[env] = (p0 + p, [a + b for a, b in zip(r0, r)])
+            else:
+                self._sums[env] = (p, list(r))
+        self._last = int(rec.step)
+        self._count += 1
+
+    def check(self, record, history):
+        from .monitor.locate import z_score
+
+        if self._last is None or record.step <= self._last:
+            self._sums, self._count = {}, 0
+            for h in history:
+                if h is not record and h.step < record.step:
+                    self._fold(h)
+        self._fold(record)
+        if self._count < self.min_steps:
+            return None
+        scores = {e: z for e, (p, r) in self._sums.items() if (z := z_score(p, r)) is not None}
+        v = self._worst_env(record, scores, self.max_z, ": persona push")
+        if v is not None:
+            v.top_envs = [(e, round(z, 3)) for e, z in sorted(scores.items(), key=lambda x: -x[1])[:3]]
+        return v
+
+
 class NonFiniteRule(Rule):
     name = "nonfinite_update"
 
@@ -256,6 +308,8 @@ class HaltPolicy:
         max_activation_z: float | None = None,
         baseline_steps: int = 20,
         activation_window: int = 1,
+        max_push_z: float | None = None,
+        push_min_steps: int = 5,
         halt_on_nonfinite: bool = True,
         max_nonfinite_rewards: int | None = None,
         action: str | Callable[[Violation, StepRecord], Any] = "stop",
@@ -280,6 +334,8 @@ class HaltPolicy:
             self.rules.append(EnvShareRule(max_env_share, env_share_min_norm))
         if max_activation_z is not None:
             self.rules.append(ActivationDriftRule(max_activation_z, baseline_steps, activation_window))
+        if max_push_z is not None:
+            self.rules.append(PushRule(max_push_z, push_min_steps))
         if halt_on_nonfinite:
             self.rules.append(NonFiniteRule())
         if max_nonfinite_rewards is not None:
@@ -294,6 +350,7 @@ class HaltPolicy:
     SPEC_KEYS: dict[str, Callable[[Any], Any]] = {
         "max_adapter_norm": float, "max_growth": float, "growth_window": int, "max_env_share": float,
         "env_share_min_norm": float, "max_activation_z": float, "baseline_steps": int, "activation_window": int,
+        "max_push_z": float, "push_min_steps": int,
         "halt_on_nonfinite": lambda v: v if isinstance(v, bool) else str(v).strip().lower() in ("1", "true", "yes"),
         "max_nonfinite_rewards": int, "action": str}
 

@@ -272,6 +272,26 @@ def figures(run_dir: str | Path, out: str | Path | None = None, title: str | Non
         ax.set(xlabel="optimizer step", ylabel="mean projection u₁ᵀh", title=f"{name}: activation projection")
         _legend(ax, marks, title=how.replace(", where", ",\nwhere").replace(", the", ",\nthe"))
         paths.append(save_figure(fig, out / "activation.png"))
+
+    steps = read_log(run_dir, warn=False).steps
+    if any(r.push for r in steps):
+        from .monitor.locate import locate_scores
+
+        traj = [locate_scores(steps[: i + 1]) for i in range(len(steps))]
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        for env in sorted({e for t in traj for e in t}):
+            xs = [r.step for r, t in zip(steps, traj) if env in t]
+            ax.plot(xs, [t[env] for t in traj if env in t], color=colour.get(env, "0.5"), label=_label(env))
+        ax.axhspan(-1, 1, color="0.92", zorder=0, label="|z| ≤ 1: no more than a random direction")
+        ax.axhline(0, color="0.7", lw=0.5)
+        limit = _rule_value(df.attrs["header"], "push_z", "max_z")
+        if limit is not None:
+            ax.axhline(limit, color="tab:purple", ls="--", lw=0.8, label=f"push_z threshold ({num(limit)})")
+        marks = mark_events(ax, events, checkpoints=False)
+        ax.set(xlabel="optimizer step", ylabel="locating score z (cumulative)",
+               title=f"{name}: who pushes the persona")
+        _legend(ax, marks)
+        paths.append(save_figure(fig, out / "locate.png"))
     return paths
 
 
@@ -323,7 +343,14 @@ def summary(run_dir: str | Path) -> dict[str, Any]:
         "subspace_hash": df.attrs["header"].get("subspace_hash"),
         "mode": df.attrs["header"].get("mode"),
         "baseline_steps": _baseline_steps(df.attrs["header"]),
+        "locate": _locate(run_dir),
     }
+
+
+def _locate(run_dir: Path) -> dict[str, float]:
+    from .monitor.locate import locate_scores
+
+    return locate_scores(read_log(run_dir, warn=False).steps)
 
 
 def _count_by(crossings: list[dict[str, Any]]) -> dict[str, int]:
@@ -380,6 +407,10 @@ def markdown(s: dict[str, Any], figs: list[Path] | None = None, base: Path | Non
     if s["env_adapter_share"]:
         shares = ", ".join(f"{e} {frac(v)}" for e, v in sorted(s["env_adapter_share"].items(), key=lambda x: -x[1]))
         lines.append(f"- who built the adapter (share ⟨A_e, A⟩/‖A‖², sums to 1): {shares}")
+    if s.get("locate"):
+        z = ", ".join(f"{e} {v:+.1f}" for e, v in sorted(s["locate"].items(), key=lambda x: -x[1]))
+        lines.append(f"- who pushes the persona (locating score z: cumulative persona push over a random "
+                     f"direction's; |z| ≲ 1 is no more than any direction gets): {z}")
     c = s["first_crossing"]
     if c:
         before = " (before the restart)" if c.get("superseded") else ""

@@ -88,7 +88,11 @@ def _run_arm(out: Path, cfg: DemoConfig, seed: int, arm: _Arm, fingerprint: str,
         halted = dict(h.halted) if h.halted else None
         if halted and halted.get("checkpoint"):  # relative to the demo directory, which can be moved
             halted["checkpoint"] = _relative(halted["checkpoint"], out)
-        res: dict[str, Any] = {"halt": halted, "at_halt": ev(m, tk)}
+        from ..monitor import read_log
+        from ..monitor.locate import locate_scores
+
+        res: dict[str, Any] = {"halt": halted, "at_halt": ev(m, tk),
+                               "locate": locate_scores(read_log(halt_dir, warn=False).steps)}
         h.detach()
         clean = last_clean_checkpoint(halt_dir)
         res["restart_from"] = _relative(clean, out) if clean else None
@@ -104,7 +108,11 @@ def _run_arm(out: Path, cfg: DemoConfig, seed: int, arm: _Arm, fingerprint: str,
                        save=arm.save, mode=arm.mode, **dict(arm.kw))
         res = {"after": ev(m, tk)}
         if h is not None:
+            from ..monitor import read_log
+            from ..monitor.locate import locate_scores
+
             res["env_adapter_share"] = h.router.env_adapter_shares()
+            res["locate"] = locate_scores(read_log(out / "runs" / arm.name, warn=False).steps)
             res["adapter_norm"] = h.router.adapter_norm().total
             res["first_crossing"] = h.monitor.violations[0].to_dict() if h.monitor.violations else None
             res["crossings"] = [v.to_dict() for v in h.monitor.violations]
@@ -232,6 +240,8 @@ def _run_demo(out: Path, quick: bool, seed: int, progress: bool, config: DemoCon
         "mode": mode, "adapter_lr_multiplier": mult,
         "envs": list(ENVS), "exploitable": list(EXPLOITABLE), "probe_accuracy": probe_acc,
         "rates": rates, "runs": runs, "timings": timings,
+        # the locating score of every environment (gradroute.monitor.locate), for every routed arm
+        "locate": {name: r["locate"] for name, r in runs.items() if "locate" in r},
     }
     summary["table"] = _table(summary)
     summary["table_md"] = _table(summary, markdown=True)
@@ -279,25 +289,33 @@ def _table(s: dict[str, Any], markdown: bool = False) -> str:
     mode = s.get("mode", "update")
     cols = [(label, lambda e, r=r: None if r is None else r.get(e)) for label, r in _stages(s)]
     share = {v: runs[v]["env_adapter_share"] for v in ("persona", "random")}
+    z = {v: runs[v].get("locate", {}) for v in ("persona", "random")}
+    nan = float("nan")
     if markdown:
-        head = "| env (hack/solve) | " + " | ".join(c for c, _ in cols) + " | share of persona adapter | share of random adapter |"
-        rows = [head, "|" + "---|" * (len(cols) + 3)]
+        head = ("| env (hack/solve) | " + " | ".join(c for c, _ in cols)
+                + " | share of persona adapter | share of random adapter | push z, persona | push z, random |")
+        rows = [head, "|" + "---|" * (len(cols) + 5)]
         for e in s["envs"]:
             mark = " (exploitable)" if e in s["exploitable"] else ""
             rows.append(f"| {e}{mark} | " + " | ".join(_fmt(f(e)) for _, f in cols)
-                        + f" | {share['persona'].get(e, 0):.2f} | {share['random'].get(e, 0):.2f} |")
+                        + f" | {share['persona'].get(e, 0):.2f} | {share['random'].get(e, 0):.2f}"
+                        + f" | {z['persona'].get(e, nan):+.1f} | {z['random'].get(e, nan):+.1f} |")
     else:
-        rows = [f"{'env (hack/solve)':<18}" + "".join(f"{c:>23}" for c, _ in cols) + f"{'share persona':>15}{'share random':>14}"]
+        rows = [f"{'env (hack/solve)':<18}" + "".join(f"{c:>23}" for c, _ in cols)
+                + f"{'share persona':>15}{'share random':>14}{'z persona':>11}{'z random':>10}"]
         for e in s["envs"]:
             mark = "*" if e in s["exploitable"] else " "
             rows.append(f"{e + mark:<18}" + "".join(f"{_fmt(f(e)):>23}" for _, f in cols)
-                        + f"{share['persona'].get(e, 0):>15.2f}{share['random'].get(e, 0):>14.2f}")
+                        + f"{share['persona'].get(e, 0):>15.2f}{share['random'].get(e, 0):>14.2f}"
+                        + f"{z['persona'].get(e, nan):>+11.1f}{z['random'].get(e, nan):>+10.1f}")
     h = runs["halt_and_fix"]["halt"]
     mult = s.get("adapter_lr_multiplier")
     notes = [f"routing: persona and random arms in {mode} mode" + (f" (adapter LR x{mult:g})" if mult else "")
              + ("; the [upd] arm watches in update mode (training identical to the unrouted run)"
                 if "persona_update" in runs else ""),
-             f"adapter norm: persona {num(runs['persona']['adapter_norm'])}, random {num(runs['random']['adapter_norm'])}"]
+             f"adapter norm: persona {num(runs['persona']['adapter_norm'])}, random {num(runs['random']['adapter_norm'])}",
+             "push z: the locating score (each environment's cumulative persona push over a random direction's; "
+             "|z| ~ 1 is no more than a random direction gets, negative pushes away from the persona)"]
     for v in ("persona", "random", "persona_update"):
         if v not in runs:
             continue
