@@ -77,7 +77,7 @@ def run(base: Path, out: Path, cfg: Any, sub: Any, seed: int, mode: str, world: 
     from gradroute.experiments import toyworld as tw
     from gradroute.experiments.grpo import grpo_run
     from gradroute.monitor import read_log
-    from gradroute.monitor.locate import locate_scores, singles_out
+    from gradroute.monitor.locate import locate_scores, locate_trajectory, singles_out
 
     grader = tw.make_reward((EXPLOITABLE,) if world == "exploit" else ())
     hacks: list[list[tuple[str, bool]]] = []
@@ -103,7 +103,7 @@ def run(base: Path, out: Path, cfg: Any, sub: Any, seed: int, mode: str, world: 
         "onset": onset(hacks) if world == "exploit" else None,
         "hack_rate_last10": statistics.fmean(h for b in hacks[-10:] for e, h in b if e == EXPLOITABLE),
         "flags": {name: first_flag(rule, records) for name, rule in rules().items()},
-        "z_trajectory": {e: [locate_scores(records[: i + 1]).get(e) for i in range(len(records))] for e in ENVS},
+        "z_trajectory": {e: [t.get(e) for t in locate_trajectory(records)] for e in ENVS},
     }
     return res
 

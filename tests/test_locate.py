@@ -19,7 +19,8 @@ from gradroute.testing import tiny_lm
 LAYER = 1
 
 
-def _run(mode: str, steps: int = 6, pushes=(("up", 1.0), ("down", -1.0), ("plain", 0.0)), direction=None):
+def _run(mode: str, steps: int = 6, pushes=(("up", 1.0), ("down", -1.0), ("plain", 0.0)), direction=None,
+         watch=None):
     """Rows of each environment train a language-model loss plus ``−sign · uᵀh`` at LAYER (sign +1:
     the environment's loss asks for more of the persona direction u); returns the step records."""
     torch.manual_seed(0)
@@ -29,7 +30,7 @@ def _run(mode: str, steps: int = 6, pushes=(("up", 1.0), ("down", -1.0), ("plain
     sub = gr.Subspace.from_directions({LAYER: u[None]}, names=["persona"])
     measured = u if direction is None else direction
     envs = [e for e, _ in pushes]
-    router = gr.GradientRouter(model, sub, mode=mode, envs=envs, check_provenance=False)
+    router = gr.GradientRouter(model, sub, mode=mode, envs=envs, check_provenance=False, watch=watch)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     router.bind_optimizer(opt)
     sign = {e: s for e, s in pushes}
@@ -146,3 +147,32 @@ def test_a_grpo_run_logs_the_push_and_its_report_draws_who_pushes(tmp_path):
     assert "locate.png" in {p.name for p in paths}
     text = rp.report(tmp_path / "run", out=tmp_path / "rep")
     assert "who pushes the persona" in text and "locate.png" in text
+
+
+@pytest.mark.parametrize("mode", ["update", "activation"])
+def test_watched_directions_show_a_push_the_routed_subspace_does_not_hold(mode):
+    """The environments push a direction v the routed subspace does not hold; v is watched
+    (monitored, not routed): the watched locating score finds the pushing environment, the
+    routed one does not, and the watched rule fires naming it."""
+    v = torch.randn(64, generator=torch.Generator().manual_seed(5))
+    watch = gr.Subspace.from_directions({LAYER: v[None]}, names=["elsewhere"])
+    records, router = _run(mode, direction=v, watch=watch)
+    assert f"watch:{LAYER}" in records[-1].push["up"] and LAYER in records[-1].push["up"]
+    routed, watched = locate_scores(records), locate_scores(records, watch=True)
+    assert singles_out(watched, "up") and not any(singles_out(routed, e) for e in routed), (routed, watched)
+    rule = PushRule(3.0, min_steps=2, watch=True)
+    fired = [v for i, r in enumerate(records) if (v := rule.check(r, records[: i + 1]))]
+    assert fired and fired[0].env == "up" and fired[0].rule == "watch_push_z"
+    assert not any(PushRule(3.0, min_steps=2).check(r, records[: i + 1]) for i, r in enumerate(records))
+    back = [step_from_json(step_to_json(r)) for r in records]
+    assert locate_scores(back, watch=True) == pytest.approx(watched)
+
+
+def test_watch_is_refused_without_attribution_or_on_module_layers():
+    model, _ = tiny_lm("llama")
+    sub = gr.Subspace.from_directions({LAYER: torch.randn(1, 64)})
+    with pytest.raises(gr.errors.ConfigError, match="watch"):
+        gr.GradientRouter(model, sub, watch=sub, check_provenance=False)
+    named = gr.Subspace.from_directions({"model.layers.1.mlp.down_proj": torch.randn(1, 64)})
+    with pytest.raises(gr.errors.ConfigError, match="residual-stream layers"):
+        gr.GradientRouter(model, sub, envs=["a"], watch=named, check_provenance=False)

@@ -14,6 +14,8 @@ Each rule looks at the newest step record (a typed
 - ``PushRule(max_z, min_steps)``: an environment's locating score — its cumulative persona push
   over random directions' (:mod:`gradroute.monitor.locate`) — exceeds ``max_z`` (after
   ``min_steps`` records): its loss keeps asking for more of the persona than any direction gets.
+  ``PushRule(max_z, watch=True)`` (``max_watch_push_z``) reads the directions watched but not
+  routed (``GradientRouter(watch=...)``): a behaviour rerouted around the routed subspace.
 - ``NonFiniteRule()``: the step's in-subspace update is NaN/Inf.
 - ``NonFiniteRewardRule(max_count)``: more than ``max_count`` NaN/None rewards in one
   environment since the start of the run (``record.nonfinite_rewards_total``).
@@ -95,7 +97,8 @@ class Rule:
         return v
 
     def describe(self) -> dict[str, Any]:
-        return {"rule": self.name, **{k: v for k, v in vars(self).items() if not k.startswith("_") and k != "action"}}
+        return {"rule": self.name, **{k: v for k, v in vars(self).items()
+                                      if not k.startswith("_") and k not in ("action", "name")}}
 
 
 def _is_number(value: Any) -> bool:
@@ -228,10 +231,13 @@ class PushRule(Rule):
 
     name = "push_z"
 
-    def __init__(self, max_z: float, min_steps: int = 5, action: Any = None):
+    def __init__(self, max_z: float, min_steps: int = 5, action: Any = None, watch: bool = False):
         self.max_z = _positive("max_push_z", max_z)
         self.min_steps = _count("push_min_steps", min_steps, 1)
         self.action = action
+        self.watch = bool(watch)  # read the watched (not routed) directions instead
+        if self.watch:
+            self.name = "watch_push_z"
         self._sums: dict[str, tuple[float, list[float]]] = {}
         self._last: int | None = None
         self._count = 0
@@ -239,7 +245,7 @@ class PushRule(Rule):
     def _fold(self, rec: StepRecord) -> None:
         from .monitor.locate import push_terms
 
-        for env, (p, r) in push_terms(rec).items():
+        for env, (p, r) in push_terms(rec, watch=self.watch).items():
             if env in self._sums:
                 p0, r0 = self._sums[env]
                 self._sums[env] = (p0 + p, [a + b for a, b in zip(r0, r)])
@@ -310,6 +316,7 @@ class HaltPolicy:
         activation_window: int = 1,
         max_push_z: float | None = None,
         push_min_steps: int = 5,
+        max_watch_push_z: float | None = None,
         halt_on_nonfinite: bool = True,
         max_nonfinite_rewards: int | None = None,
         action: str | Callable[[Violation, StepRecord], Any] = "stop",
@@ -336,6 +343,8 @@ class HaltPolicy:
             self.rules.append(ActivationDriftRule(max_activation_z, baseline_steps, activation_window))
         if max_push_z is not None:
             self.rules.append(PushRule(max_push_z, push_min_steps))
+        if max_watch_push_z is not None:
+            self.rules.append(PushRule(max_watch_push_z, push_min_steps, watch=True))
         if halt_on_nonfinite:
             self.rules.append(NonFiniteRule())
         if max_nonfinite_rewards is not None:
@@ -350,7 +359,7 @@ class HaltPolicy:
     SPEC_KEYS: dict[str, Callable[[Any], Any]] = {
         "max_adapter_norm": float, "max_growth": float, "growth_window": int, "max_env_share": float,
         "env_share_min_norm": float, "max_activation_z": float, "baseline_steps": int, "activation_window": int,
-        "max_push_z": float, "push_min_steps": int,
+        "max_push_z": float, "push_min_steps": int, "max_watch_push_z": float,
         "halt_on_nonfinite": lambda v: v if isinstance(v, bool) else str(v).strip().lower() in ("1", "true", "yes"),
         "max_nonfinite_rewards": int, "action": str}
 

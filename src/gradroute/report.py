@@ -275,9 +275,9 @@ def figures(run_dir: str | Path, out: str | Path | None = None, title: str | Non
 
     steps = read_log(run_dir, warn=False).steps
     if any(r.push for r in steps):
-        from .monitor.locate import locate_scores
+        from .monitor.locate import locate_trajectory
 
-        traj = [locate_scores(steps[: i + 1]) for i in range(len(steps))]
+        traj = locate_trajectory(steps)
         fig, ax = plt.subplots(figsize=(8, 3.5))
         for env in sorted({e for t in traj for e in t}):
             xs = [r.step for r, t in zip(steps, traj) if env in t]
@@ -344,13 +344,14 @@ def summary(run_dir: str | Path) -> dict[str, Any]:
         "mode": df.attrs["header"].get("mode"),
         "baseline_steps": _baseline_steps(df.attrs["header"]),
         "locate": _locate(run_dir),
+        "locate_watch": _locate(run_dir, watch=True),
     }
 
 
-def _locate(run_dir: Path) -> dict[str, float]:
+def _locate(run_dir: Path, watch: bool = False) -> dict[str, float]:
     from .monitor.locate import locate_scores
 
-    return locate_scores(read_log(run_dir, warn=False).steps)
+    return locate_scores(read_log(run_dir, warn=False).steps, watch=watch)
 
 
 def _count_by(crossings: list[dict[str, Any]]) -> dict[str, int]:
@@ -411,6 +412,9 @@ def markdown(s: dict[str, Any], figs: list[Path] | None = None, base: Path | Non
         z = ", ".join(f"{e} {v:+.1f}" for e, v in sorted(s["locate"].items(), key=lambda x: -x[1]))
         lines.append(f"- who pushes the persona (locating score z: cumulative persona push over a random "
                      f"direction's; |z| ≲ 1 is no more than any direction gets): {z}")
+    if s.get("locate_watch"):
+        z = ", ".join(f"{e} {v:+.1f}" for e, v in sorted(s["locate_watch"].items(), key=lambda x: -x[1]))
+        lines.append(f"- along the watched directions (monitored, not routed): {z}")
     c = s["first_crossing"]
     if c:
         before = " (before the restart)" if c.get("superseded") else ""

@@ -4,7 +4,8 @@ An arm says how it trains (:meth:`Arm.routing`: the routing of :func:`~gradroute
 or :meth:`Arm.comparator`: a training-time comparator hooked into the trainer, or neither), and
 so what its inference step is: a routed arm discards its adapter, a comparator's hooks come off.
 Adding an arm is one class with :func:`register` above it; its ``name`` is what reports,
-``--arms`` and the figures call it.
+``--arms`` and the figures call it. Arms with ``default = False`` (the quarantine arms) run only
+when named: :data:`ARMS` is the default set, :data:`ALL_ARMS` every registered arm.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class Arm:
     marker: ClassVar[str] = "o"
     baseline: ClassVar[bool] = False
     mode: ClassVar[str | None] = None  # the routing mode, None: not routed
+    default: ClassVar[bool] = True  # run when no arms are named (False: only with ``--arms NAME``)
 
     @property
     def is_routed(self) -> bool:
@@ -125,6 +127,64 @@ class RandomControl(Activation):
         return setup.control
 
 
+class ExploitDetector:
+    """The quarantine arms' detector: the world's own exploit check on the rollouts of its
+    exploitable environments, passing on each true flag with probability ``recall`` (seeded; no
+    false flags). Counts what it saw (``rollouts``, ``hacks``, ``flagged``)."""
+
+    def __init__(self, world: World, recall: float = 1.0, seed: int = 0):
+        import random
+
+        if not 0.0 < recall <= 1.0:
+            raise ValueError(f"recall must be in (0, 1], got {recall!r}")
+        self.world, self.recall, self.rng = world, float(recall), random.Random(seed)
+        self.rollouts = self.hacks = self.flagged = 0
+
+    def __call__(self, completions: list[Any], rows: list[dict[str, Any]]) -> list[bool]:
+        out = []
+        for c, row in zip(completions, rows):
+            hack = row.get("env") in self.world.exploitable and bool(self.world.is_hack(c, row))
+            flag = hack and (self.recall >= 1.0 or self.rng.random() < self.recall)
+            self.rollouts, self.hacks, self.flagged = self.rollouts + 1, self.hacks + hack, self.flagged + flag
+            out.append(flag)
+        return out
+
+
+@register
+class Quarantine(Activation):
+    """Activation routing plus data-dependent routing: rollouts the world's exploit check flags
+    train only a quarantine adapter (discarded with the persona adapter)."""
+
+    name = "quarantine"
+    training = "quarantine: flagged (exploit-check) rollouts train only a discarded adapter; the rest activation-routed"
+    colour, marker = "tab:cyan", "h"
+    mode = "quarantine"
+    default = False
+    recall: ClassVar[float] = 1.0
+
+    def detector(self, setup: Setup) -> ExploitDetector:
+        return ExploitDetector(setup.world, self.recall, seed=setup.seed)
+
+    def routing(self, setup: Setup) -> dict[str, Any]:
+        return {**super().routing(setup), "quarantine": self.detector(setup)}
+
+
+@register
+class QuarantineHalf(Quarantine):
+    name = "quarantine-r0.5"
+    training = "quarantine with a detector of recall 0.5 (each hack flagged with probability 0.5)"
+    colour = "tab:pink"
+    recall = 0.5
+
+
+@register
+class QuarantineTenth(Quarantine):
+    name = "quarantine-r0.1"
+    training = "quarantine with a detector of recall 0.1"
+    colour = "tab:brown"
+    recall = 0.1
+
+
 class Comparator(Arm):
     """A training-time comparator (:mod:`gradroute.comparators`) hooked into the trainer; its
     inference step takes the hooks off."""
@@ -180,5 +240,6 @@ class Steering(Comparator):
                                     during="always")
 
 
-ARMS = tuple(REGISTRY)  # every arm's name, in registration order
+ALL_ARMS = tuple(REGISTRY)  # every arm's name, in registration order (what ``--arms`` accepts)
+ARMS = tuple(name for name, a in REGISTRY.items() if a.default)  # the arms run by default
 BASELINE = next(a.name for a in REGISTRY.values() if a.baseline)

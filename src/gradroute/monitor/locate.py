@@ -33,19 +33,27 @@ from ..layers import LayerKey
 if TYPE_CHECKING:
     from ..router.records import StepRecord
 
-__all__ = ["locate_scores", "push_terms", "singles_out", "z_score"]
+__all__ = ["locate_scores", "locate_trajectory", "push_terms", "singles_out", "z_score"]
 
 
-def push_terms(rec: StepRecord, direction: int = 0,
-               layers: Sequence[LayerKey] | None = None) -> dict[str, tuple[float, list[float]]]:
-    """One record's ``{env: (Σ_L p_{e,L}(u), [Σ_L p_{e,L}(r_j)]_j)}`` along basis column ``direction``."""
+def _watched(L: LayerKey) -> bool:
+    return isinstance(L, str) and L.startswith("watch:")
+
+
+def push_terms(rec: StepRecord, direction: int = 0, layers: Sequence[LayerKey] | None = None,
+               watch: bool = False) -> dict[str, tuple[float, list[float]]]:
+    """One record's ``{env: (Σ_L p_{e,L}(u), [Σ_L p_{e,L}(r_j)]_j)}`` along basis column ``direction``,
+    over ``layers`` (default: the routed subspace's probe layers; ``watch=True``: the watched,
+    not routed, ones — ``GradientRouter(watch=...)``, keys ``"watch:<L>"``)."""
     out: dict[str, tuple[float, list[float]]] = {}
     for env, per_layer in rec.push.items():
         nulls = rec.push_null.get(env, {})
         p_sum, r_sum = 0.0, None
         for L, p in per_layer.items():
             r = nulls.get(L)
-            if (layers is not None and L not in layers) or direction >= len(p) or not r:
+            if layers is not None and L not in layers:
+                continue
+            if (layers is None and _watched(L) != watch) or direction >= len(p) or not r:
                 continue
             if not (math.isfinite(p[direction]) and all(math.isfinite(x) for x in r)):
                 continue
@@ -63,15 +71,16 @@ def z_score(push: float, null: Sequence[float]) -> float | None:
 
 
 def locate_scores(records: Iterable[StepRecord], direction: int = 0, layers: Sequence[LayerKey] | None = None,
-                  window: int | None = None) -> dict[str, float]:
+                  window: int | None = None, watch: bool = False) -> dict[str, float]:
     """``{env: Z_e}`` over ``records`` (the last ``window`` of them when given), along basis column
-    ``direction`` at ``layers`` (default: every probe layer). Environments without a push are left out."""
+    ``direction`` at ``layers`` (default: every probe layer of the routed subspace; ``watch=True``:
+    of the watched one). Environments without a push are left out."""
     recs = list(records)
     if window is not None:
         recs = recs[-window:]
     sums: dict[str, tuple[float, list[float]]] = {}
     for rec in recs:
-        for env, (p, r) in push_terms(rec, direction, layers).items():
+        for env, (p, r) in push_terms(rec, direction, layers, watch).items():
             if env in sums:
                 p0, r0 = sums[env]
                 sums[env] = (p0 + p, [a + b for a, b in zip(r0, r)])
@@ -79,6 +88,19 @@ def locate_scores(records: Iterable[StepRecord], direction: int = 0, layers: Seq
                 sums[env] = (p, r)
     out = {e: z_score(p, r) for e, (p, r) in sums.items()}
     return {e: z for e, z in out.items() if z is not None}
+
+
+def locate_trajectory(records: Iterable[StepRecord], direction: int = 0,
+                      watch: bool = False) -> list[dict[str, float]]:
+    """The locating score after each record (cumulative from the first), in one pass."""
+    sums: dict[str, tuple[float, list[float]]] = {}
+    out = []
+    for rec in records:
+        for env, (p, r) in push_terms(rec, direction, None, watch).items():
+            p0, r0 = sums.get(env, (0.0, [0.0] * len(r)))
+            sums[env] = (p0 + p, [a + b for a, b in zip(r0, r)])
+        out.append({e: z for e, (p, r) in sums.items() if (z := z_score(p, r)) is not None})
+    return out
 
 
 def singles_out(scores: dict[str, float], env: str, ratio: float = 1.5) -> bool:

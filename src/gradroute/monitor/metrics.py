@@ -86,6 +86,8 @@ def step_metrics(window: Sequence[StepRecord | None], prefix: str = "gradroute/"
 
     for e, z in locate_scores(records).items():
         _put(out, f"{p}push_z/{e}", z)
+    for e, z in locate_scores(records, watch=True).items():  # directions watched, not routed
+        _put(out, f"{p}watch_push_z/{e}", z)
     samples: dict[str, float] = {}
     rewards: dict[str, list[float]] = {}
     for r in records:

@@ -84,7 +84,11 @@ class GradientRouter:
     another model (:meth:`Subspace.provenance_mismatch`); ``post_norm="exact"`` lets
     activation mode route post-norm branches (Gemma 2/3, OLMo 2) exactly, with a frozen copy of
     their writers, and ``post_norm="first_order"`` with plain weights, isolated only to first order
-    (:mod:`~gradroute.router.modes.activation`); by default they are refused.
+    (:mod:`~gradroute.router.modes.activation`); by default they are refused. ``watch`` (a
+    :class:`~gradroute.Subspace` on residual layers, with attribution on) is monitored but not
+    routed: its activation projections and persona push per environment are recorded under the
+    layer keys ``"watch:<L>"`` (:mod:`gradroute.monitor.locate`, ``locate_scores(watch=True)``),
+    so a behaviour that moves out of the routed subspace still shows.
     """
 
     def __init__(
@@ -109,6 +113,7 @@ class GradientRouter:
         envs: list[str] | None = None,
         check_provenance: bool = True,
         post_norm: str = "refuse",
+        watch: Subspace | None = None,
     ):
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {tuple(MODES)}, got {mode!r}.",
@@ -179,11 +184,34 @@ class GradientRouter:
 
             self.attribution = Attribution(
                 base, self.routes_state, self.environments,
-                probes=self.mode_strategy.probe_layers(),
+                probes={**self.mode_strategy.probe_layers(), **self._watch_probes(watch, base)},
                 betas=self._update_betas, capture=self.mode_strategy.captures_gradients is False)
             self.mode_strategy.attribution_ready(self.attribution)
+        elif watch is not None:
+            raise ConfigError("watch= records, per environment, what happens along directions that are not routed; "
+                              "without per-environment attribution there is nothing to record it in.",
+                              "pass envs=[...] (gradroute.attach: env_column=...) with watch=, or drop watch=.")
         if optimizer is not None:
             self.bind_optimizer(optimizer)
+
+    @staticmethod
+    def _watch_probes(watch: Subspace | None, model: nn.Module) -> dict[str, torch.Tensor]:
+        """``watch``'s bases keyed ``"watch:<L>"``: directions monitored (activation projection and
+        persona push per environment) but not routed — a held-out probe, other layers, a probe
+        refit on the trained model — so that a behaviour rerouted around the routed subspace shows."""
+        if watch is None:
+            return {}
+        from ..subspace import Subspace as _Subspace
+
+        if not isinstance(watch, _Subspace):
+            raise ConfigError(f"watch must be a gradroute.Subspace, got {type(watch).__name__}.",
+                              "build it like the routed one (Subspace.from_probe / from_directions / load).")
+        bad = [L for L in watch.layers if not isinstance(L, int)]
+        if bad:
+            raise ConfigError(f"watch= needs residual-stream layers (integers), got {bad}.",
+                              "build the watched subspace on residual layers.")
+        watch.validate_for(model)
+        return {f"watch:{L}": watch.basis(L) for L in watch.layers}
 
     # ------------------------------------------------------------------ setup
     def _check_provenance(self, model: nn.Module) -> None:

@@ -118,9 +118,10 @@ class CoordBlock:
         return c.to(self.route.dtype)
 
     @torch.no_grad()
-    def set_coords(self, target: torch.Tensor) -> torch.Tensor:
+    def set_coords(self, target: torch.Tensor, reread: bool = True) -> torch.Tensor | None:
         """In place ``P ← P + U (target − Uᵀ P)`` (orthogonal part untouched); returns the
-        coordinates P realizes after rounding to its dtype, re-read in the bookkeeping dtype.
+        coordinates P realizes after rounding to its dtype, re-read in the bookkeeping dtype
+        (``reread=False``: None, for callers that do not record them — a full pass saved).
         A sharded P gets its slab of the correction (``U[a:b] fix`` or ``U fix[a:b]``).
 
         The correction is computed in float32 (its ~eps·‖P‖ error only nudges where the
@@ -129,7 +130,7 @@ class CoordBlock:
         U = self.route.basis32()
         fix = target.to(torch.float32) - P.coords(self.effective(), U, self.axis)
         x.add_(P.lift_local(fix, U, self.axis, self.param).to(x.dtype))
-        return self.coords()
+        return self.coords() if reread else None
 
     def version(self) -> tuple[int, ...]:
         """The parameter's version counter (and its slab's: edits of the slab do not bump the DTensor's)."""

@@ -39,7 +39,10 @@ from ..envs import Environments
 if TYPE_CHECKING:
     from ..route import Route
 
-__all__ = ["Capture"]
+__all__ = ["WATCH", "Capture"]
+
+#: the probe keys of watched (monitored, not routed) residual layers: ``"watch:<L>"``
+WATCH = "watch:"
 
 
 class Capture:
@@ -159,6 +162,9 @@ class Capture:
                 hook = self._activation_hook(U)
                 if isinstance(L, int):
                     self._handles.append(add_residual_hook(self.model, L, hook, live_only=True))
+                elif isinstance(L, str) and L.startswith(WATCH):  # a watched (not routed) residual layer
+                    self._handles.append(add_residual_hook(self.model, int(L[len(WATCH):]),
+                                                           lambda _, h, L=L, hook=hook: hook(L, h), live_only=True))
                 else:
                     self._handles.append(modules[L].register_forward_hook(LiveOnly(
                         lambda m, a, out, L=L, hook=hook: hook(L, out if torch.is_tensor(out) else out[0]))))

@@ -8,8 +8,9 @@ from __future__ import annotations
 from .activation import ActivationMode
 from .base import RoutingMode
 from .gradient import GradientMode
+from .quarantine import QuarantineMode
 from .update import UpdateMode
 
-MODES: dict[str, type[RoutingMode]] = {m.name: m for m in (UpdateMode, GradientMode, ActivationMode)}
+MODES: dict[str, type[RoutingMode]] = {m.name: m for m in (UpdateMode, GradientMode, ActivationMode, QuarantineMode)}
 
-__all__ = ["MODES", "ActivationMode", "GradientMode", "RoutingMode", "UpdateMode"]
+__all__ = ["MODES", "ActivationMode", "GradientMode", "QuarantineMode", "RoutingMode", "UpdateMode"]

@@ -511,7 +511,7 @@ class ActivationMode(RoutingMode):
             b.adapter = new
             self.prev[r.name] = new.clone()
         for blk in self.pinned:               # the base never moves inside the span
-            blk.set_coords(blk.ref0)
+            blk.set_coords(blk.ref0, reread=False)
         for r in self.ctx.routes:             # post_norm="exact": the base moves freely, its coordinates are its own
             if r.name in self.frozen:
                 r.blocks[0].ref0 = r.blocks[0].coords()
