@@ -467,3 +467,17 @@ def test_mixture_of_experts_blocks_are_routed_through_their_output(tmp_path):
     assert not any("gradroute" in k for k in load_file(str(tmp_path / "m" / "model.safetensors")))
     router.detach()
     assert not hasattr(model.model.layers[1].mlp, "gradroute_write")
+
+
+def test_exact_post_norm_copies_follow_a_dtype_change():
+    """post_norm='exact''s frozen copies are not submodules: a model cast after attach (bf16, FSDP2
+    mixed precision) still runs, the copies computing in their own dtype."""
+    model = _tiny_hf("gemma2")
+    sub = gr.Subspace.from_directions({1: torch.randn(2, 64, generator=torch.Generator().manual_seed(0))})
+    gr.GradientRouter(model, sub, mode="activation", post_norm="exact", check_provenance=False)
+    x = torch.randint(3, 100, (2, 8))
+    ref = model(input_ids=x).logits.detach()
+    model.to(torch.bfloat16)
+    out = model(input_ids=x).logits
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert (out.float() - ref).abs().max() < 0.2 * ref.abs().max()

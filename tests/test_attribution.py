@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -215,3 +217,22 @@ def test_explicit_env_weights_drop_what_the_hooks_captured():
     opt.step()
     router.step(env_weights={"a": 1.0})
     assert not router.attribution._G and not router.attribution._rows and router.attribution._ctx is None
+
+
+def test_float64_weights_with_mixed_environment_batches():
+    """Token-level capture (a micro-batch mixing environments) on float64 weights: the sums are
+    float32 like the rest of the bookkeeping (was: a dtype mismatch in the contraction)."""
+    model, _ = tiny_lm("llama")
+    model.double()
+    sub = gr.Subspace.from_directions({LAYER: torch.randn(1, 64, generator=torch.Generator().manual_seed(0))})
+    for mode in ("update", "activation"):
+        m = copy.deepcopy(model)
+        router = gr.GradientRouter(m, sub, mode=mode, envs=["a", "b"], check_provenance=False)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+        router.bind_optimizer(opt)
+        x = torch.randint(3, 100, (4, 8), generator=torch.Generator().manual_seed(1))
+        with router.attribution.batch(["a", "b", "a", "b"]):
+            m(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        rec = router.step()
+        assert set(rec.samples) == {"a", "b"} and abs(sum(rec.env_share.values()) - 1.0) < 1e-6

@@ -3,6 +3,7 @@ cumulative z that locates the environment pushing the persona, and the PushRule 
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -176,3 +177,16 @@ def test_watch_is_refused_without_attribution_or_on_module_layers():
     named = gr.Subspace.from_directions({"model.layers.1.mlp.down_proj": torch.randn(1, 64)})
     with pytest.raises(gr.errors.ConfigError, match="residual-stream layers"):
         gr.GradientRouter(model, sub, envs=["a"], watch=named, check_provenance=False)
+
+
+def test_non_finite_pushes_survive_the_log_and_are_skipped():
+    """The log writes NaN as null and inf as "inf": read back, they are floats again and the
+    locating score skips them (was: a TypeError after a resume re-read the history)."""
+    rec = StepRecord(step=1, update_norm=0.0, update_norm_per_layer={}, adapter_norm=0.0, adapter_norm_per_layer={},
+                     samples={"a": 4.0}, push={"a": {0: [float("nan")], 1: [2.0]}},
+                     push_null={"a": {0: [1.0, float("inf")], 1: [1.0, -1.0]}})
+    from gradroute.monitor.runlog import _jsonable
+
+    back = step_from_json(json.loads(json.dumps(_jsonable(step_to_json(rec)))))  # as the log writes it
+    assert math.isnan(back.push["a"][0][0]) and math.isinf(back.push_null["a"][0][1])
+    assert locate_scores([back]) == pytest.approx({"a": 2.0})

@@ -198,7 +198,7 @@ def test_optimizer_made_before_the_router_is_refused():
 
 
 def test_state_round_trip(tmp_path):
-    model, ref, q, a = _train_pair("llama", torch.optim.SGD, 1, lr=3e-2)
+    _, _, q, _ = _train_pair("llama", torch.optim.SGD, 1, lr=3e-2)
     q.save_state(tmp_path / "state")
     tensors, _ = q.mode_strategy.state_dict()
     assert any(k.startswith("quarantine.") for k in tensors)
@@ -396,3 +396,21 @@ def test_a_parameter_used_around_its_module_is_refused():
     logits = h @ model.lm_head.weight.T  # the head's weight used directly, its module never called
     with pytest.raises(RoutingError, match="lm_head.weight"):
         logits[0].sum().backward()
+
+
+def test_fused_head_model_deepcopies_and_detaches():
+    trl_utils = pytest.importorskip("trl.trainer.utils")
+    model, _ = tiny_lm("llama")
+    trl_utils.add_fused_lm_head(model)
+    router = _router(model)
+    twin = copy.deepcopy(model)
+    x = _batch()
+    with torch.no_grad():
+        a = model(input_ids=x, labels=x, fused_lm_head=True).log_probs
+        b = twin(input_ids=x, labels=x, fused_lm_head=True).log_probs
+    torch.testing.assert_close(a, b)
+    router.detach()
+    from gradroute.router.modes import quarantine
+
+    assert model.forward.__func__ is not quarantine._fused_forward  # TRL's own again
+    model(input_ids=x, labels=x, fused_lm_head=True).log_probs.sum().backward()  # no flags needed any more

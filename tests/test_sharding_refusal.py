@@ -167,3 +167,42 @@ def test_attach_refuses_a_zero_trainer_before_routing(tmp_path):
         gr.attach(trainer, sub, mode="activation", env_column=None, check_provenance=False)
     assert "Fix:" in str(e.value)
     assert not any("gradroute" in n for n, _ in model.named_parameters())
+
+
+def test_a_router_built_by_hand_does_not_bypass_the_refusal(monkeypatch):
+    """GradientRouter alone refuses ZeRO-3 partitions and DeepSpeed optimizers; a RouterCallback
+    added by hand refuses a DeepSpeed launch at train begin (attach is not the only door)."""
+    import gradroute as gr
+    from gradroute.testing import tiny_lm
+
+    model, _ = tiny_lm("llama")
+    sub = gr.Subspace.from_directions({1: torch.randn(1, 64)})
+    part = dict(model.named_parameters())["model.layers.1.mlp.down_proj.weight"]
+    part.ds_id = 7
+    with pytest.raises(ConfigError, match="ZeRO-3"):
+        gr.GradientRouter(model, sub, check_provenance=False)
+    del part.ds_id
+    router = gr.GradientRouter(model, sub, check_provenance=False)
+    FakeDS = type("DeepSpeedZeroOptimizer", (), {"__module__": "deepspeed.runtime.zero.stage_1_and_2",
+                                                  "param_groups": []})
+    with pytest.raises(ConfigError, match="DeepSpeed"):
+        router.bind_optimizer(FakeDS())
+    cb = gr.RouterCallback(router)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    args = SimpleNamespace(output_dir="/tmp/x", logging_strategy="steps")
+    with pytest.raises(ConfigError, match="(?i)deepspeed"):
+        cb.on_train_begin(args, SimpleNamespace(global_step=0), SimpleNamespace(), model=model)
+
+
+def test_a_hand_added_callback_refuses_vllm_generation_without_the_folded_sync():
+    import gradroute as gr
+    from gradroute.testing import tiny_lm
+
+    model, _ = tiny_lm("llama")
+    router = gr.GradientRouter(model, gr.Subspace.from_directions({1: torch.randn(1, 64)}), mode="activation",
+                               check_provenance=False)
+    cb = gr.RouterCallback(router)
+    args = SimpleNamespace(output_dir="/tmp/x", logging_strategy="steps", use_vllm=True)
+    with pytest.raises(ConfigError, match="off-policy"):
+        cb.on_train_begin(args, SimpleNamespace(global_step=0), SimpleNamespace(), model=model)

@@ -329,3 +329,26 @@ def test_update_mode_on_a_peft_lora_policy_pushes_the_merged_policy(monkeypatch)
     trainer.vllm_generation.sync_weights()
     assert set(engine.loaded) == {n for n, _ in plain.named_parameters()}
     _assert_same_policy(peft_model, plain)
+
+
+def test_the_fold_reads_the_adapter_the_model_holds_at_sync_time():
+    """FSDP2 / accelerate replace the adapter parameters after the sync is installed (at attach):
+    the fold must read the live ones, not the objects it saw at install (was: a stale zero adapter,
+    so every sync pushed the base — off-policy without an error)."""
+    from gradroute.integrations.vllm import fold_stream, foldable
+    from gradroute.router.modes.activation import _Adapters
+
+    model = _model("llama")
+    router = gr.GradientRouter(model, _subspace(), mode="activation", check_provenance=False)
+    folds = foldable(router)                      # what install_vllm_sync keeps
+    mode = router.mode_strategy
+    name = next(iter(mode.params))
+    new = torch.nn.Parameter(torch.randn_like(mode.params[name]) * 0.1)
+    mode.container.coords[_Adapters.key(name)] = new  # what a re-bind after fully_shard leaves
+    mode.params[name] = new
+    mode.nonzero = True
+    pushed = dict(fold_stream(router, model.named_parameters(), folds=folds))
+    weight = f"{name}.weight"
+    r = next(r for r in router.routes_state if r.name == name)
+    expected = model.get_parameter(weight).detach() + gr.projection.lift(new.detach(), r.basis().float(), r.target.axis)
+    torch.testing.assert_close(pushed[weight], expected, rtol=0, atol=1e-6)

@@ -19,8 +19,8 @@ from .experiments.claims import (
 )
 from .experiments.world import ToyWorld, World, load_world
 
-ROUTED = {name: a.mode for name, a in REGISTRY.items() if a.is_routed}
-COMPARATORS = tuple(name for name, a in REGISTRY.items() if isinstance(a, Comparator))
+ROUTED = {name: a.mode for name, a in REGISTRY.items() if a.is_routed and name in ARMS}
+COMPARATORS = tuple(name for name, a in REGISTRY.items() if isinstance(a, Comparator) and name in ARMS)
 
 __all__ = ["ARMS", "COLUMNS", "COMPARATORS", "ROUTED", "ClaimsConfig", "RolloutHackRate", "ToyWorld", "World",
            "arms_of", "figure", "load_world", "measures", "relearn", "run_arm", "run_claims", "subspace_auroc",

@@ -8,7 +8,7 @@ import re
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..experiments.arms import ARMS
+    from ..experiments.arms import ALL_ARMS, ARMS
 
     p = sub.add_parser("claims", help="every arm side by side: unrouted, routing (update, activation, random control), "
                                       "CAFT ablation, activation penalty, preventative steering; spread, "
@@ -18,8 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the toy world's quick configuration, one seed, short relearning (used by the tests)")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="seeds (base model, probe, RL; default: 0 1 2, or 0 with --quick)")
-    p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS),
-                   help="arms to run (default: all; 'unrouted' is always added: it sets the relearning target)")
+    p.add_argument("--arms", nargs="+", choices=ALL_ARMS, default=list(ARMS),
+                   help="arms to run (default: all but the quarantine arms, which run when named: quarantine, "
+                        "quarantine-r0.5, quarantine-r0.1; 'unrouted' is always added: it sets the relearning target)")
     p.add_argument("--adapter-lr-multiplier", type=float, default=None,
                    help="adapter learning rate / the policy's for the activation and random arms (default: 30)")
     p.add_argument("--relearn-steps", type=int, default=None,

@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from .arms import ARMS, BASELINE, REGISTRY, Setup
+from .arms import ALL_ARMS, ARMS, BASELINE, REGISTRY, Setup
 from .grpo import grpo_run
 from .progress import library_noise_off, showing_progress
 from .toyworld import rates
@@ -82,9 +82,9 @@ class ClaimsConfig:
     relearn_window: int = 3
 
     def __post_init__(self):
-        bad = [a for a in self.arms if a not in ARMS]
+        bad = [a for a in self.arms if a not in ALL_ARMS]
         if bad or BASELINE not in self.arms:
-            raise ConfigError(f"arms must include {BASELINE!r} and come from {ARMS}; got {list(self.arms)}.",
+            raise ConfigError(f"arms must include {BASELINE!r} and come from {ALL_ARMS}; got {list(self.arms)}.",
                               "pass e.g. --arms unrouted activation random ablation.")
         if not self.seeds:
             raise ConfigError("no seeds to run.", "pass at least one seed, e.g. --seeds 0.")
@@ -213,6 +213,11 @@ def run_arm(world: World, cfg: ClaimsConfig, arm: str, base: str, out: Path, see
     if h is not None:
         res["adapter_norm"] = h.router.adapter_norm().total
         res["env_adapter_share"] = h.router.env_adapter_shares()
+        if hasattr(h.router.mode_strategy, "quarantine_norm"):  # quarantine arms: what was routed away
+            res["quarantine_norm"] = h.router.mode_strategy.quarantine_norm()
+            det = kw.get("quarantine")
+            if det is not None and hasattr(det, "flagged"):
+                res["quarantine_flags"] = {"rollouts": det.rollouts, "hacks": det.hacks, "flagged": det.flagged}
         h.discard()
         h.detach()
         res["removed"] = rates(world.sample(model, tok, envs))
@@ -378,7 +383,7 @@ def arms_of(report: dict[str, Any]) -> list[str]:
     """The arms in the report, in :data:`~gradroute.experiments.arms.ARMS` order (report.json stores keys
     sorted)."""
     present = {a for s in report["seeds"].values() for a in s["arms"]}
-    return [a for a in ARMS if a in present] + sorted(present - set(ARMS))
+    return [a for a in ALL_ARMS if a in present] + sorted(present - set(ALL_ARMS))
 
 
 def _med(xs: Sequence[float], fmt: str = "{:.2f}", cap: int | None = None) -> str:

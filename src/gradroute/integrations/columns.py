@@ -20,11 +20,12 @@ from . import _compat
 from ._patches import patch
 
 ENV_KEY = "gradroute_env_ids"
+FLAG_KEY = "gradroute_quarantine_flags"  # mode="quarantine": the rows' flags, one bool per row
 # columns TRL/transformers use themselves, and reward-function keyword arguments TRL reserves
 RESERVED_COLUMNS = frozenset({
     "prompt", "completion", "completion_ids", "environment", "input_ids", "attention_mask", "labels",
     "messages", "images", "image", "position_ids", "seq_lengths", "completion_mask", "assistant_masks",
-    "trainer_state", "log_extra", "log_metric", "environments", "prompts", "completions", ENV_KEY,
+    "trainer_state", "log_extra", "log_metric", "environments", "prompts", "completions", ENV_KEY, FLAG_KEY,
 })
 
 

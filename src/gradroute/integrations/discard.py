@@ -98,8 +98,7 @@ def save_discarded(router: GradientRouter, path: str | Path, env: str | None = N
                            "to write it.",
                            "router.discard() on every rank, then save the model with your trainer's full-state-dict "
                            "path (accelerator.get_state_dict(model) / trainer.save_model).")
-    if not is_main_process():
-        return path
+    # every rank raises alike (a refusal on rank 0 alone would leave the others at the next collective)
     if env is not None and env not in router.envs:
         raise AdapterError(f"no adapter share for environment {env!r}; environments: {router.envs}.",
                            "pass one of router.envs, or env=None for the whole adapter.")
@@ -110,6 +109,8 @@ def save_discarded(router: GradientRouter, path: str | Path, env: str | None = N
             "frozen copies of their writers, so no plain weights are the discarded model.",
             "keep the discarded model as the routed model with its state (router.discard(); router.save_state(path)), "
             "or route with post_norm='first_order' (plain weights, isolated to first order).")
+    if not is_main_process():
+        return path
     pm = _peft_model(router.model)
     if pm is None:
         return _save_full(router, path, env, threshold)
@@ -117,7 +118,7 @@ def save_discarded(router: GradientRouter, path: str | Path, env: str | None = N
 
 
 def _save_full(router: GradientRouter, path: Path, env: str | None, threshold: float) -> Path:
-    from ..monitor.metrics import discard_residue, discard_targets, warn_discard_residue
+    from ..monitor.metrics import discard_residue, discard_targets, measured_removed, warn_discard_residue
 
     model = unwrap_model(router.model)
     sd = {k: v for k, v in model.state_dict().items() if not k.startswith(f"{ADAPTERS_ATTR}.")}
@@ -130,7 +131,7 @@ def _save_full(router: GradientRouter, path: Path, env: str | None, threshold: f
         bias = router.base_bias(t.module, env)  # None unless the bias is routed
         if bias is not None and f"{t.module}.bias" in sd:
             sd[f"{t.module}.bias"] = written[f"{t.module}.bias"] = bias.to(sd[f"{t.module}.bias"].dtype)
-    residue = discard_residue(router, targets, router.adapter_norm(env).total, written, threshold=threshold)
+    residue = discard_residue(router, targets, measured_removed(router, env), written, threshold=threshold)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(path), state_dict=sd)
     _io.write_json(path / "gradroute_discarded.json", {"format": "gradroute.discarded", "kind": "full",

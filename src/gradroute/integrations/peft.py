@@ -185,7 +185,7 @@ def save_adapter(router: GradientRouter, path: str | Path, env: str | None = Non
 
 def _write_adapter(router: GradientRouter, path: Path, env: str | None, base: str, *, lora_bias: str = "keep",
                    base_name: str | None = None, tokenizer: Any = None, residue_threshold: float | None = None) -> None:
-    from ..monitor.metrics import discard_residue, discard_targets, warn_discard_residue
+    from ..monitor.metrics import discard_residue, discard_targets, measured_removed, warn_discard_residue
 
     path.mkdir(parents=True, exist_ok=True)
     name = _model_name(router)
@@ -201,7 +201,7 @@ def _write_adapter(router: GradientRouter, path: Path, env: str | None, base: st
     if base != "none":
         targets = discard_targets(router, env)
         weights = _base_tensors(router, env, fold_bias=lora_bias == "fold")
-        residue = discard_residue(router, targets, router.adapter_norm(env).total, weights,
+        residue = discard_residue(router, targets, measured_removed(router, env), weights,
                                   threshold=residue_threshold)
         if base == "modules":
             _io.save_tensors(path / ROUTED_BASE, weights)

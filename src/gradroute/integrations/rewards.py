@@ -20,7 +20,7 @@ import torch
 from ..errors import GradrouteWarning
 from . import _compat
 from ._patches import patch
-from .columns import ENV_KEY, env_name
+from .columns import ENV_KEY, FLAG_KEY, env_name
 
 
 def route_rl_envs(trainer: Any, router: Any, env_column: str,
@@ -72,3 +72,36 @@ def route_rl_envs(trainer: Any, router: Any, env_column: str,
 
     patch(trainer, _compat.generate_and_score_hook_name(), generate_and_score)
     patch(trainer, _compat.calculate_rewards_hook_name(), calculate_rewards)
+
+
+def route_rl_flags(trainer: Any, detector: Callable[[Sequence[Any], Sequence[dict[str, Any]]], Sequence[Any]]) -> None:
+    """``mode="quarantine"`` with a detector: ``detector(completions, rows)`` (the completions the
+    reward functions score, and their dataset rows) gives one bool per completion, and every batch
+    carries them as ``inputs[FLAG_KEY]`` (permuted and chunked by TRL with the rest)."""
+    from ..errors import ConfigError
+
+    gen, calc = _compat.rl_hooks(trainer)
+    pending: list[torch.Tensor] = []
+
+    def calculate_rewards(inputs, *a, **kw):
+        if trainer.model.training:
+            completions = kw.get("completions", a[1] if len(a) > 1 else None)
+            flags = list(detector(completions, inputs))
+            if len(flags) != len(inputs):
+                raise ConfigError(f"the quarantine detector gave {len(flags)} flags for {len(inputs)} completions.",
+                                  "return one bool per completion, in order.")
+            pending[:] = [torch.tensor([bool(f) for f in flags], dtype=torch.bool)]
+        return calc(inputs, *a, **kw)
+
+    def generate_and_score(inputs, *a, **kw):
+        pending.clear()
+        out = gen(inputs, *a, **kw)
+        if trainer.model.training:
+            if not pending:
+                raise ConfigError("TRL scored no completions for this batch, so the quarantine detector did not run.",
+                                  "report this with your TRL version; use quarantine={env, ...} meanwhile.")
+            out[FLAG_KEY] = pending.pop().to(_compat.batch_device(out))
+        return out
+
+    patch(trainer, _compat.calculate_rewards_hook_name(), calculate_rewards)
+    patch(trainer, _compat.generate_and_score_hook_name(), generate_and_score)

@@ -187,6 +187,21 @@ class RouterCallback(TrainerCallback):
             self.router.bind_optimizer(optimizer)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        from types import SimpleNamespace
+
+        from ..errors import ConfigError
+        from .sharding import check_sharding
+
+        # DeepSpeed's optimizers overwrite gradroute's edits (gradroute.attach checks this too; a
+        # RouterCallback added by hand must not bypass it)
+        check_sharding(SimpleNamespace(args=args, model=model if model is not None else self.router.model))
+        if getattr(args, "use_vllm", False) and not self.router.weights_hold_adapter \
+                and not getattr(self.router, "vllm_sync_installed", False):
+            raise ConfigError(
+                "this trainer generates with vLLM, and the router's adapter is a separate path of the model "
+                f"(mode={self.router.mode!r}) that TRL's weight sync does not push: rollouts would be off-policy.",
+                "attach with gradroute.attach(trainer, ...) (it installs the folded sync), or call "
+                "gradroute.integrations.vllm.install_vllm_sync(trainer, router) before training.")
         # accelerate's prepare (inside train()) may have replaced the parameters (FSDP2: DTensors):
         # route the ones the trainer's model holds and its optimizer steps
         if model is not None:

@@ -42,6 +42,7 @@ from ._patches import patch, undo
 from .anchoring import LABEL_KEY, attach_anchoring
 from .columns import (
     ENV_KEY,
+    FLAG_KEY,
     RESERVED_COLUMNS,
     carry_column,
     dataset_envs,
@@ -136,6 +137,7 @@ def attach(
     run_dir: str | Path | None = None,
     fsync: bool = False,
     allow_missing_state: bool = False,
+    quarantine: Any = None,
     **router_kwargs: Any,
 ) -> Handle:
     """Route, attribute and monitor a ``GRPOTrainer``/``RLOOTrainer``/``SFTTrainer``/``Trainer``.
@@ -146,6 +148,12 @@ def attach(
     where the checkpoints are too. Resuming from a checkpoint without gradroute's state raises
     unless ``allow_missing_state``. Extra keyword arguments go to :class:`GradientRouter`
     (``side``, ``targets``, ``embeddings``, ``spread``, ``adapter_lr_multiplier``, ...).
+
+    ``quarantine`` (``mode="quarantine"``, :mod:`gradroute.router.modes.quarantine`): which rows
+    train only the discardable quarantine adapter — a detector ``f(completions, rows) -> bools``
+    called on every batch of rollouts (GRPOTrainer / RLOOTrainer; e.g. the environment's own
+    exploit check), or a set of environment names (any trainer, with ``env_column``; read at
+    every micro-batch, so a set changed during training — e.g. by a monitor — takes effect at once).
     """
     from .trainer import RouterCallback
 
@@ -195,6 +203,7 @@ def attach(
             raise EnvColumnError(f"environments {missing} are in the data but not in envs={list(envs)}.",
                                  "add them to envs=[...] (or leave envs unset to take them from the column).")
         _compat.check_trainer(trainer, rl)  # the private names carrying the column exist (before any hook goes in)
+    _check_quarantine(quarantine, mode, env_column, envs, rl)
     from .sharding import check_sharding
 
     check_sharding(trainer)  # DeepSpeed's optimizers step detached master weights: refused before any hook
@@ -227,6 +236,8 @@ def attach(
             attribution.set_batch(env)
 
         wrap_compute_loss(trainer, ENV_KEY, before=set_envs, pop=not rl)
+    if quarantine is not None:
+        _route_quarantine(trainer, router, quarantine, rl)
 
     callback = RouterCallback(router, monitor, allow_missing_state=allow_missing_state)
     insert_callback(trainer, callback)
@@ -244,6 +255,53 @@ def attach(
 
     patch(trainer, "train", train_with_resume_path)
     return Handle(trainer=trainer, router=router, monitor=monitor, run_dir=run_dir)
+
+
+def _check_quarantine(quarantine: Any, mode: str, env_column: str | None, envs: Any, rl: bool) -> None:
+    if mode != "quarantine":
+        if quarantine is not None:
+            raise ConfigError(f"quarantine= routes flagged rows in mode='quarantine', not mode={mode!r}.",
+                              "pass mode='quarantine' (or drop quarantine=).")
+        return
+    fix = ("pass quarantine=<detector(completions, rows) -> one bool per completion> (GRPO/RLOO), or "
+           "quarantine={'env', ...} with env_column")
+    if quarantine is None:
+        raise ConfigError("mode='quarantine' needs to know which rows to quarantine.", fix + ".")
+    if callable(quarantine):
+        if not rl:
+            raise ConfigError("a quarantine detector reads rollouts, which only GRPOTrainer / RLOOTrainer have.",
+                              "pass quarantine={'env', ...} (flag whole environments) with env_column.")
+        return
+    if isinstance(quarantine, str | bytes) or not isinstance(quarantine, set | frozenset | list | tuple):
+        raise ConfigError(f"quarantine must be a detector or a set of environment names, got {quarantine!r}.", fix + ".")
+    if env_column is None:
+        raise EnvColumnError("quarantine={...} flags rows by environment, but env_column is None.",
+                             "pass env_column=<the column with each row's environment>.")
+    unknown = sorted({str(e) for e in quarantine} - {str(e) for e in envs or ()})
+    if unknown:
+        raise EnvColumnError(f"quarantine names environments {unknown} that are not in the data ({list(envs or [])}).",
+                             "name environments of the env column.")
+
+
+def _route_quarantine(trainer: Any, router: GradientRouter, quarantine: Any, rl: bool) -> None:
+    """Set the rows' quarantine flags before every ``compute_loss`` (None outside training: a
+    training forward without flags is refused by the mode)."""
+    if callable(quarantine):
+        from .rewards import route_rl_flags
+
+        route_rl_flags(trainer, quarantine)
+        wrap_compute_loss(trainer, FLAG_KEY, before=lambda flags, inputs: router.set_flags(flags), pop=False)
+        return
+    vocab = list(router.attribution.vocab)
+
+    def set_flags(env: Any, inputs: Any) -> None:
+        if env is None:
+            router.set_flags(None)
+            return
+        names = {str(e) for e in quarantine}  # read now: a set changed during training counts from here
+        router.set_flags([vocab[int(i)] in names for i in env.reshape(-1).tolist()])
+
+    wrap_compute_loss(trainer, ENV_KEY, before=set_flags, pop=False)
 
 
 def attach_comparator(trainer: Any, comparator: Any) -> Any:

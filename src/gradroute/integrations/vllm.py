@@ -31,10 +31,11 @@ stream). Both modes go through that one stream, so :func:`install_vllm_sync` wra
   and a module whose forward is not a plain Linear/Conv1D/Embedding (quantized, custom).
 
 The fold is computed per weight as it streams (one ``d x d_in`` temporary at a time) in the
-weight's device, in float32 (float64 for float64 weights), and cast to the weight's dtype. Under
-DeepSpeed ZeRO-3 the adapters are gathered through TRL's backend at the start of each sync
-(every rank walks the stream, as TRL requires). After ``router.detach()`` the model is plain
-again and the stream passes through.
+weight's device, in float32 (float64 for float64 weights), and cast to the weight's dtype. The
+adapter is read from the router at each sync (FSDP2 and accelerate replace the parameter objects
+after the sync is installed), gathered whole when it is an FSDP2 DTensor. (DeepSpeed is refused
+at ``attach``; the ``gather`` hook TRL's backend offers is kept for its ZeRO-3 path.) After
+``router.detach()`` the model is plain again and the stream passes through.
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ def _snapshot(folds: dict[str, Fold], gather: Callable[[list[Any]], Any] | None)
                 raise RoutingError(
                     f"the activation adapter of {f.module!r} reads as shape {tuple(c.shape)}, not {tuple(expect)} "
                     "(sharded in a way gradroute cannot gather), so it cannot be folded into the weights pushed to vLLM.",
-                    "train with DDP, DeepSpeed ZeRO-2/3 or FSDP2, or " + _FIX_MODE + ".")
+                    "train with DDP or FSDP2, or " + _FIX_MODE + ".")
             if bool(c.any()):
                 out[key] = c.clone()
     return out
@@ -190,7 +191,7 @@ def _folded(weight: torch.Tensor, f: Fold, C: torch.Tensor) -> torch.Tensor:
     if tuple(weight.shape) != f.shape:
         raise RoutingError(f"the weight of {f.module!r} streams to vLLM with shape {tuple(weight.shape)}, not {f.shape} "
                            "(sharded?), so the activation adapter cannot be folded into it.",
-                           "train with DDP, DeepSpeed ZeRO-2/3 or FSDP2, or " + _FIX_MODE + ".")
+                           "train with DDP or FSDP2, or " + _FIX_MODE + ".")
     dt = torch.float64 if weight.dtype == torch.float64 else torch.float32
     delta = P.lift(C.to(device=weight.device, dtype=dt), f.basis.to(device=weight.device, dtype=dt), f.axis)
     if f.scale != 1.0:
@@ -207,6 +208,11 @@ def fold_stream(router: Any, named: Iterable[tuple[str, torch.Tensor]], folds: d
     that makes parameters whole (ZeRO-3). Raises :class:`~gradroute.errors.RoutingError` if a
     non-zero adapter's weight never came by (the stream named it otherwise)."""
     folds = foldable(router) if folds is None else folds
+    if folds:  # the parameters the model holds now (FSDP2 / accelerate replace them after install)
+        from dataclasses import replace
+
+        live = router.mode_strategy.params
+        folds = {k: replace(f, coords=live[f.module]) if f.module in live else f for k, f in folds.items()}
     coords = _snapshot(folds, gather) if folds and _live(router) else {}
     for name, tensor in named:
         key = _compat.vllm_param_name(name)
@@ -290,6 +296,7 @@ def install_vllm_sync(trainer: Any, router: Any) -> None:
 
     setattr(folded_stream, MARK, router)
     patch(backend, _compat.VLLM_NAMED_PARAMS, folded_stream)
+    router.vllm_sync_installed = True  # RouterCallback refuses an activation router generating with vLLM without it
 
 
 def uninstall_vllm_sync(trainer: Any) -> None:

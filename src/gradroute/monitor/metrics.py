@@ -168,6 +168,13 @@ def _measured(router: GradientRouter) -> list[Route]:
     return [r for r in router.routes_state if r.name not in skip]
 
 
+def measured_removed(router: GradientRouter, env: str | None = None) -> float:
+    """``‖A_e‖`` over the measured routes only (taken before discarding), so that ``relative``
+    compares like with like when post-norm / mixture-of-experts routes are left out."""
+    per = router.adapter_norm(env).per_module
+    return math.sqrt(sum(per.get(r.name, 0.0) ** 2 for r in _measured(router)))
+
+
 @torch.no_grad()
 def discard_targets(router: GradientRouter, env: str | None = None) -> dict[str, list[torch.Tensor]]:
     """``c* = Uᵀ P_0 + A − A_e`` per measured module and block (weight, routed bias), taken

@@ -207,6 +207,11 @@ def _num(v: Any, default: float = 0.0) -> float:
         return default
 
 
+def _nums(v: Any) -> list[float]:
+    """A logged vector (or scalar) back as floats: ``null`` is NaN, ``"inf"``/``"-inf"`` infinite."""
+    return [_num(x) for x in (v if isinstance(v, list | tuple) else [v])]
+
+
 def step_from_json(d: dict[str, Any]) -> StepRecord:
     """A step record read back from its log line (layer keys typed again)."""
     return StepRecord(
@@ -222,16 +227,15 @@ def step_from_json(d: dict[str, Any]) -> StepRecord:
         nonfinite=bool(d.get("nonfinite", False)),
         grad_norm=_floats(d.get("grad_norm")),
         samples=_floats(d.get("samples")),
-        activation={str(e): {_layer(k): list(v) if isinstance(v, list | tuple) else [v] for k, v in layers.items()}
+        activation={str(e): {_layer(k): _nums(v) for k, v in layers.items()}
                     for e, layers in (d.get("activation") or {}).items()},
         activation_norm={str(e): {_layer(k): _num(v) for k, v in layers.items()}
                          for e, layers in (d.get("activation_norm") or {}).items()},
         reward=_floats(d.get("reward")),
         nonfinite_rewards={str(e): int(n) for e, n in (d.get("nonfinite_rewards") or {}).items()},
         nonfinite_rewards_total={str(e): int(n) for e, n in (d.get("nonfinite_rewards_total") or {}).items()},
-        push={str(e): {_layer(k): list(v) if isinstance(v, list | tuple) else [v] for k, v in layers.items()}
-              for e, layers in (d.get("push") or {}).items()},
-        push_null={str(e): {_layer(k): list(v) if isinstance(v, list | tuple) else [v] for k, v in layers.items()}
+        push={str(e): {_layer(k): _nums(v) for k, v in layers.items()} for e, layers in (d.get("push") or {}).items()},
+        push_null={str(e): {_layer(k): _nums(v) for k, v in layers.items()}
                    for e, layers in (d.get("push_null") or {}).items()},
         time=d.get("time"),
     )

@@ -88,7 +88,9 @@ class GradientRouter:
     :class:`~gradroute.Subspace` on residual layers, with attribution on) is monitored but not
     routed: its activation projections and persona push per environment are recorded under the
     layer keys ``"watch:<L>"`` (:mod:`gradroute.monitor.locate`, ``locate_scores(watch=True)``),
-    so a behaviour that moves out of the routed subspace still shows.
+    so a behaviour that moves out of the routed subspace still shows. ``mode_options``: options
+    of the mode itself (``mode="quarantine"``: ``quarantine_rank``, None for a full-width
+    quarantine adapter; :mod:`~gradroute.router.modes.quarantine`).
     """
 
     def __init__(
@@ -114,10 +116,20 @@ class GradientRouter:
         check_provenance: bool = True,
         post_norm: str = "refuse",
         watch: Subspace | None = None,
+        mode_options: Mapping[str, Any] | None = None,
     ):
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {tuple(MODES)}, got {mode!r}.",
-                              "use 'update' (watch), 'gradient' or 'activation' (isolate).")
+                              "use 'update' (watch), 'gradient' or 'activation' (isolate), or 'quarantine' "
+                              "(flagged rows train only a discardable adapter).")
+        if mode_options is not None and not isinstance(mode_options, Mapping):
+            raise ConfigError(f"mode_options must be a dict, got {type(mode_options).__name__}.",
+                              "pass e.g. mode_options={'quarantine_rank': 16}.")
+        unknown = sorted(set(mode_options or {}) - set(getattr(MODES[mode], "option_names", ())))
+        if unknown:
+            raise ConfigError(f"mode={mode!r} has no option(s) {unknown} (it takes "
+                              f"{list(getattr(MODES[mode], 'option_names', ())) or 'none'}).",
+                              "drop them from mode_options=, or pick the mode they belong to.")
         if precision not in ("float64", "float32"):
             raise ConfigError(f"precision must be 'float64' or 'float32', got {precision!r}.",
                               "use 'float64' (exact bookkeeping) or 'float32'.")
@@ -174,7 +186,7 @@ class GradientRouter:
         self.last_discard_residue: Any = None  # DiscardResidue of the last discard() (gradroute.monitor.metrics)
         context = ModeContext(model=model, subspace=subspace, plan=self.plan, routes=self.routes_state,
                               optimizer=lambda: self.optimizer)
-        self.mode_strategy: RoutingMode = mode_cls(context, {
+        self.mode_strategy: RoutingMode = mode_cls(context, {**dict(mode_options or {}),
             "adapter_lr": adapter_lr, "adapter_lr_multiplier": float(adapter_lr_multiplier),
             "adapter_weight_decay": adapter_weight_decay, "adapter_betas": adapter_betas, "post_norm": post_norm})
         self.mode_strategy.setup()
@@ -193,6 +205,16 @@ class GradientRouter:
                               "pass envs=[...] (gradroute.attach: env_column=...) with watch=, or drop watch=.")
         if optimizer is not None:
             self.bind_optimizer(optimizer)
+
+    def set_flags(self, flags: Any) -> None:
+        """``mode="quarantine"``: the rows' flags (one bool per row, True: the row trains only the
+        quarantine adapter) for the next training forwards; None clears them. Set them before
+        every micro-batch's forward (``gradroute.attach(..., quarantine=...)`` does)."""
+        setter = getattr(self.mode_strategy, "set_flags", None)
+        if setter is None:
+            raise ConfigError(f"mode={self.mode!r} has no per-row flags.",
+                              "use mode='quarantine' to route flagged rows into a discardable adapter.")
+        setter(flags)
 
     @staticmethod
     def _watch_probes(watch: Subspace | None, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -228,7 +250,14 @@ class GradientRouter:
             GradrouteWarning, stacklevel=3)
 
     def _check_sharding(self) -> None:
-        """Refuse sharded (FSDP2) parameters in a mode that cannot route them."""
+        """Refuse sharded (FSDP2) parameters in a mode that cannot route them, and DeepSpeed
+        ZeRO-3 partitioned parameters (read outside a forward they are empty placeholders)."""
+        zero3 = [r.name for r in self.routes_state if any(hasattr(b.param, "ds_id") for b in r.blocks)]
+        if zero3:
+            raise ConfigError(
+                f"the routed parameters are DeepSpeed ZeRO-3 partitions (e.g. {zero3[0]!r}): gradroute would read empty "
+                "placeholders, and DeepSpeed's optimizer overwrites its edits of the weights.",
+                "train with DDP or FSDP2 (gradroute.integrations.sharding explains why DeepSpeed is refused).")
         if self._supports_sharding:
             return
         sharded = [r.name for r in self.routes_state if any(P.is_sharded(b.param) for b in r.blocks)]
@@ -271,6 +300,12 @@ class GradientRouter:
         The routed parameters are first found again by name (:meth:`rebind`): FSDP2's
         ``fully_shard`` and accelerate's ``prepare`` replace parameter objects, and the router
         must route the ones this optimizer steps."""
+        for o in (optimizer, _innermost_optimizer(optimizer)):
+            if type(o).__module__.startswith("deepspeed"):  # DeepSpeed's optimizers step detached master copies
+                raise ConfigError(
+                    f"the optimizer is DeepSpeed's {type(o).__name__}: it steps a detached fp32 master copy of the "
+                    "weights and copies it back over them, so gradroute's edits after each step would be overwritten.",
+                    "train with DDP or FSDP2 (gradroute.integrations.sharding explains why DeepSpeed is refused).")
         opt = _innermost_optimizer(optimizer)
         if opt is self.optimizer:
             self._rebind(resync=True)  # checks the optimizer if parameters were replaced
@@ -633,11 +668,12 @@ class GradientRouter:
         :class:`~gradroute.monitor.metrics.DiscardResidue`) and a
         :class:`~gradroute.errors.GradrouteWarning` names the dtype and the fix when it exceeds
         :data:`~gradroute.monitor.metrics.DISCARD_RESIDUE_THRESHOLD` of the removed norm."""
-        from ..monitor.metrics import discard_residue, discard_targets, warn_discard_residue
+        from ..monitor.metrics import discard_residue, discard_targets, measured_removed, warn_discard_residue
 
         self._env_check(env)
         removed = self.adapter_norm(env).total
         targets = discard_targets(self, env)  # Uᵀ P_0 + A − A_env: the base's coordinates after discarding
+        measured = measured_removed(self, env)
         for r in self.routes_state:
             if env is None:
                 keep = [torch.zeros_like(b.adapter) for b in r.blocks]
@@ -650,7 +686,7 @@ class GradientRouter:
                 self.mode_strategy.cleared(r)
         self.env_split.drop(env)
         self.mode_strategy.adapter_changed()
-        self.last_discard_residue = discard_residue(self, targets, removed)
+        self.last_discard_residue = discard_residue(self, targets, measured)
         warn_discard_residue(self.last_discard_residue, "router.discard()", self.weights_hold_adapter, stacklevel=4)
         return removed
 

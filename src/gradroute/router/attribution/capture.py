@@ -261,11 +261,11 @@ class Capture:
         has_bias = len(route.blocks) > 1
         U = route.basis32()
         B = g.shape[0] if g.ndim >= 2 else 1
-        if t.side == "read":
-            r = P.coords(x, U)                          # Vᵀ x_t
+        if t.side == "read":                            # the sums are kept in float32, whatever the weights' dtype
+            r = P.coords(x, U).float()                  # Vᵀ x_t
             o = g.float()
         else:
-            r = P.coords(g, U)                          # Uᵀ δ_t
+            r = P.coords(g, U).float()                  # Uᵀ δ_t
             o = x if t.side == "embed" else x.float()
         k = r.shape[-1]
         r = r.reshape(B, -1, k)

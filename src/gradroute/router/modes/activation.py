@@ -108,7 +108,7 @@ def _frozen_copy(module: nn.Module) -> nn.Module:
     ``model.to`` (the hook moves it to its input's device)."""
     import copy
 
-    m = copy.deepcopy(module)
+    m = copy.deepcopy(module).eval()  # not a submodule: model.eval()/train() never reach it (no dropout in W_0 x)
     for sub in m.modules():
         for hooks in (sub._forward_hooks, sub._forward_pre_hooks, sub._backward_hooks,
                       getattr(sub, "_forward_hooks_with_kwargs", {}), getattr(sub, "_forward_pre_hooks_with_kwargs", {})):
@@ -271,7 +271,7 @@ class ActivationMode(RoutingMode):
                     pin = self._oblique_route(r, norm)
                     g = norm.weight
                     if isinstance(g, nn.Parameter) and g.requires_grad:
-                        self.gains.append((g, g.detach().clone()))
+                        self.gains.append((g, P.full(g.detach()).clone()))
                         self.gain_norms.append(norm)
             t = r.target
             dtype = torch.float64 if r.weight.dtype == torch.float64 else torch.float32
@@ -344,7 +344,8 @@ class ActivationMode(RoutingMode):
         if ref.device != x.device:
             writer.to(x.device)
             norm.to(x.device)
-        return norm(writer(x.detach())).to(dtype)
+            ref = next(writer.parameters())
+        return norm(writer(x.detach().to(ref.dtype))).to(dtype)  # the copies keep their dtype (model.to(bf16), FSDP2 MP)
 
     def _module(self, name: str) -> nn.Module:
         return next(r.module for r in self.ctx.routes if r.name == name)
@@ -374,7 +375,7 @@ class ActivationMode(RoutingMode):
                 blk.ref0 = blk.coords()
         if route.name in self.post_norm:
             g = self.post_norm[route.name].weight
-            self.gains = [(p, p.detach().clone() if p is g else p0) for p, p0 in self.gains]
+            self.gains = [(p, P.full(p.detach()).clone() if p is g else p0) for p, p0 in self.gains]  # whole
         route.version = route.versions()
 
     def export_problem(self) -> str | None:

@@ -38,10 +38,17 @@ unflagged data alone trains; nothing bounds that difference. Gating makes it zer
 ``merge()`` is refused while ``Q`` holds anything. Refused too (typed errors with a fix):
 mixture-of-experts blocks and post-norm branches, sharded (FSDP2) models, modules with their own
 parameters that cannot be recomputed row by row, a training forward without flags, flags whose
-count is not the forward's row count (packed or chunked rows). At attach the construction checks
-itself: one forward and backward of a two-row batch whose flagged row alone makes the loss must
-give exactly zero gradient to every base parameter (else :class:`~gradroute.errors.RoutingError`
-names the parameter reached around the hooks).
+count is not the forward's row count (packed or chunked rows).
+
+A parameter used outside its module's forward escapes the leaf hooks. Two guards: at attach the
+construction checks itself (one forward and backward of a two-row batch whose flagged row alone
+makes the loss must give exactly zero gradient to every base parameter, through the model's
+plain forward and, where TRL added it, its fused LM head); and during training a tensor hook on
+every base parameter refuses (:class:`~gradroute.errors.RoutingError`) a gradient that arrives
+while flagged rows are in the batch through a use none of the constructions saw. TRL's trainers
+score through ``add_fused_lm_head`` (``lm_head.weight`` used directly): that call gets its own
+exact construction (:meth:`QuarantineMode._wrap_fused_head`). A parameter used both inside its
+module and around it is not caught by the tensor hook (only by the self-check's paths).
 
 Per-environment attribution counts the unflagged rows (it contracts the persona adapter's
 gradient, which flagged rows do not reach); the monitor's activation and push records still see
@@ -52,6 +59,8 @@ from __future__ import annotations
 
 import inspect
 import math
+import types
+import weakref
 from typing import Any
 
 import torch
@@ -73,7 +82,7 @@ def _recomputable(m: nn.Module) -> bool:
     if any(True for _ in m.children()):
         return False
     name = type(m).__name__
-    return isinstance(m, _LEAF_TYPES) or name in _LEAF_NAMES or name.endswith("RMSNorm") or name.endswith("LayerNorm")
+    return isinstance(m, _LEAF_TYPES) or name in _LEAF_NAMES or name.endswith(("RMSNorm", "LayerNorm"))
 
 
 class _Quarantine(nn.Module):
@@ -113,7 +122,7 @@ class QuarantineMode(ActivationMode):
 
     def _setup_quarantine(self) -> None:
         if self.moe or self.post_norm:
-            some = sorted(self.moe or self.post_norm)[0]
+            some = min(self.moe or self.post_norm)
             raise ConfigError(
                 f"mode='quarantine' routes pre-norm dense models only; {some!r} writes through a "
                 f"{'mixture-of-experts block' if self.moe else 'post-norm'}, whose flagged rows cannot be recomputed "
@@ -203,23 +212,10 @@ class QuarantineMode(ActivationMode):
                                                                                     torch.Tensor):
             raise RoutingError("this model has TRL's fused LM head but no backbone / output embedding quarantine mode "
                                "can find, so flagged rows would train the head.", "use mode='activation' for this model.")
-        mode = self
-
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            if not (kwargs.get("fused_lm_head") and torch.is_grad_enabled()):
-                return fwd(*args, **kwargs)
-            mode._fused_call = True
-            try:
-                return fwd(*args, **kwargs)
-            finally:
-                mode._fused_call = False
-                if mode._fused_saved is not None:
-                    m, saved = mode._fused_saved
-                    m._parameters.update(saved)
-                    mode._fused_saved = None
-
-        base.forward = forward  # type: ignore[method-assign]
-        self._fused_forward = (base, fwd, forward)
+        base._gradroute_inner_forward = fwd  # a plain attribute: a deep copy rebinds it to the copy
+        base.forward = types.MethodType(_fused_forward, base)  # type: ignore[method-assign]
+        _FUSED[base] = self  # a copy of the model is not here: its forward is the plain fused one
+        self._fused_forward = (base, fwd)
         self.handles.append(backbone.register_forward_hook(_FusedHead(self, head)))
 
     def _self_check(self, base: nn.Module) -> None:
@@ -350,8 +346,12 @@ class QuarantineMode(ActivationMode):
     def remove(self) -> None:
         super().remove()
         fused = getattr(self, "_fused_forward", None)
-        if fused is not None and fused[0].__dict__.get("forward") is fused[2]:
-            fused[0].forward = fused[1]
+        if fused is not None:
+            model, fwd = fused
+            if getattr(model.__dict__.get("forward"), "__func__", None) is _fused_forward:
+                model.forward = fwd
+            model.__dict__.pop("_gradroute_inner_forward", None)
+            _FUSED.pop(model, None)
         self._fused_forward = None
         base = unwrap_model(self.ctx.model)
         q = getattr(self, "quarantine", None)
@@ -471,6 +471,30 @@ class _BaseDetach:
         mode._check_rows(output.shape[0], self.name)
         raise PackingError(f"{self.name!r} got {x.shape[0]} input rows and gave {output.shape[0]} for {B} flags: its "
                            "rows cannot be matched to the flags.", "run the model on one row per sample.")
+
+
+_FUSED: weakref.WeakKeyDictionary[nn.Module, QuarantineMode] = weakref.WeakKeyDictionary()
+
+
+def _fused_forward(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The model's forward over TRL's fused one: marks a training call with the fused head so that
+    :class:`_FusedHead` widens it, and restores the head's parameters afterwards."""
+    inner = model.__dict__["_gradroute_inner_forward"]
+    mode = _FUSED.get(model)
+    if mode is None or not (kwargs.get("fused_lm_head") and torch.is_grad_enabled()):
+        return inner(*args, **kwargs)
+    mode._fused_call = True
+    try:
+        return inner(*args, **kwargs)
+    finally:
+        mode._fused_call = False
+        if mode._fused_saved is not None:
+            m, saved = mode._fused_saved
+            m._parameters.update(saved)
+            mode._fused_saved = None
+
+
+_fused_forward.__name__ = "forward"  # a pickled model finds it again as its forward (as TRL's own patch)
 
 
 class _Sentinel:
