@@ -135,6 +135,23 @@ def test_gradient_mode_on_fsdp2_shards(runs, case):
 
 
 @pytest.mark.distributed
+def test_first_order_post_norm_on_fsdp2_shards(runs):
+    """post_norm='first_order' holds each post-norm gain at its attach value: written back on
+    the gain's shard (was: a crash at the first step, a sharded copy written into a shard)."""
+    t, facts = _result(runs, "activation_olmo2_first_order")
+    _check_sharded_run(t, facts)
+    from gradroute.testing import tiny_family
+
+    init = dict(tiny_family("olmo2").named_parameters())
+    held = [k for k in t if k.startswith("param.") and ".post_" in k and k.endswith("layernorm.weight")
+            and ".layers.2." not in k]  # blocks 0-1: up to the last persona layer
+    assert held
+    for k in held:  # the held gains are exactly their attach values after 3 AdamW steps with weight decay
+        assert torch.equal(t[k], init[k[len("param."):]].detach()), k
+    _compare_with_one_process("activation_olmo2_first_order", t)
+
+
+@pytest.mark.distributed
 @pytest.mark.parametrize("case", ["activation_llama", "activation_gpt2"])
 def test_activation_mode_on_fsdp2_shards(runs, case):
     from gradroute.router.modes import ActivationMode

@@ -41,6 +41,8 @@ CASES: dict[str, tuple[str, str, dict[str, Any], str]] = {
     # the adapters are parameters of the model: the router must exist before fully_shard shards them
     "activation_llama": ("llama", "activation", {}, "before"),
     "activation_gpt2": ("gpt2", "activation", {}, "before"),
+    # a post-norm family (OLMo 2) to first order: the held norm gains are written back on their shards
+    "activation_olmo2_first_order": ("olmo2", "activation", {"post_norm": "first_order"}, "before"),
     # refusals: a typed error on every rank, never a wrong adapter
     "activation_after_shard": ("llama", "activation", {}, "after"),   # adapters would not be sharded
     "lora_update": ("llama+lora", "update", {}, "before"),             # W + s·B·A is not read from shards
@@ -76,11 +78,11 @@ def run_case(case: str, rank: int = 0, world: int = 1) -> tuple[dict[str, torch.
     full tensors (``adapter.<m>``, ``base.<m>``, ``param.<name>``) and facts about the run."""
     import gradroute as gr
     from gradroute import projection as P
-    from gradroute.testing import tiny_lm
+    from gradroute.testing import tiny_family, tiny_lm
 
     arch, mode, opts, when = CASES[case]
     torch.manual_seed(0)
-    model, _ = tiny_lm(arch.split("+")[0])
+    model = tiny_family(arch) if arch == "olmo2" else tiny_lm(arch.split("+")[0])[0]
     if arch.endswith("+lora"):
         from peft import LoraConfig, get_peft_model
 
