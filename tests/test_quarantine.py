@@ -14,20 +14,12 @@ import gradroute as gr
 from gradroute.errors import AdapterError, ConfigError, PackingError
 from gradroute.router.modes.activation import ADAPTERS_ATTR
 from gradroute.router.modes.quarantine import QUARANTINE_ATTR
+from gradroute.testing import random_ids as _batch
+from gradroute.testing import random_subspace as _subspace
 from gradroute.testing import tiny_lm
 
 ARCHS = ("llama", "gpt2")
 FLAGS = [True, False, True, False]
-
-
-def _subspace(d=64, layers=(1, 2), k=(2, 3), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return gr.Subspace.from_directions({L: torch.randn(kk, d, generator=g) for L, kk in zip(layers, k)})
-
-
-def _batch(seed=0, bsz=4, T=12):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 100, (bsz, T), generator=g)
 
 
 def _base(model):

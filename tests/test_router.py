@@ -20,13 +20,9 @@ from gradroute.errors import (
     UnsupportedModuleError,
 )
 from gradroute.testing import tiny_lm
+from gradroute.testing import random_subspace as _subspace
 
 STEPS = 50
-
-
-def _subspace(d=64, layers=(1, 2), k=(2, 3), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return gr.Subspace.from_directions({L: torch.randn(kk, d, generator=g) for L, kk in zip(layers, k)})
 
 
 def _batches(n, seed=0, bsz=4, T=12):

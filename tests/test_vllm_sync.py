@@ -23,7 +23,8 @@ import gradroute as gr
 from gradroute.errors import ConfigError, GradrouteError, RoutingError
 from gradroute.integrations import _compat
 from gradroute.integrations.vllm import install_vllm_sync, policy_weights, uninstall_vllm_sync
-from gradroute.testing import tiny_config, tiny_family, tiny_lm, tiny_tokenizer
+from gradroute.testing import random_ids, tiny_config, tiny_family, tiny_lm, tiny_tokenizer
+from gradroute.testing import random_subspace as _subspace
 
 vg_mod = pytest.importorskip("trl.generation.vllm_generation")
 
@@ -109,14 +110,8 @@ def _trainer(model, plain, monkeypatch, mode="colocate"):
 
 
 # ------------------------------------------------------------------ helpers
-def _subspace(d=64, layers=(1, 2), k=(2, 3), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return gr.Subspace.from_directions({L: torch.randn(kk, d, generator=g) for L, kk in zip(layers, k)})
-
-
 def _ids(seed=0, bsz=2, T=10, vocab=100):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, vocab, (bsz, T), generator=g)
+    return random_ids(seed, bsz, T, vocab)
 
 
 def _train(model, router, steps=3, lr=1e-2):

@@ -37,3 +37,12 @@ def all_reduce_sum(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         i += n
     return out
 
+
+#: attributes DeepSpeed ZeRO-3 puts on every partitioned parameter
+ZERO3_PARAM_ATTRS = ("ds_id", "ds_status", "ds_numel")
+
+
+def zero3_attrs(p: torch.Tensor) -> list[str]:
+    """The ZeRO-3 partition attributes ``p`` carries (empty: not a ZeRO-3 partition; read outside a
+    forward, a partitioned parameter is an empty placeholder)."""
+    return [a for a in ZERO3_PARAM_ATTRS if hasattr(p, a)]

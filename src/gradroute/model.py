@@ -11,7 +11,7 @@ with forward hooks on the blocks (a pre-hook on block 0 for layer −1), never f
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -284,22 +284,29 @@ def _select(aggregation: str, length: int, p_len: int, i: int) -> slice | int:
     raise ConfigError(f"unknown aggregation {aggregation!r}.", f"use one of {AGGREGATIONS}.")
 
 
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model.eval()`` inside the block, its train/eval mode restored after (even on error)."""
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)
+
+
 @torch.no_grad()
 def sample_completions(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
                        seed: int = 0) -> list[str]:
     """Sample one completion per prompt at temperature 1 (no top-k/top-p), in eval mode (restored
     after), left-padded, with ``torch.manual_seed(seed)``; returns the decoded completions."""
-    was = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         enc = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left")
         torch.manual_seed(seed)
         ids = model.generate(**{k: v.to(model_device(model)) for k, v in enc.items()}, do_sample=True,
                              temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         return tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    finally:
-        model.train(was)
 
 
 @torch.no_grad()
@@ -498,13 +505,8 @@ def _trace(model: nn.Module, blocks: nn.ModuleList, prefix: str, d: int) -> dict
             handles.append(m.register_forward_hook(lambda mod, a, o, n=n: record(n, a, o)))
         vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 8
         ids = (torch.arange(1, 7) % vocab)[None].to(model_device(model))
-        was = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                model(input_ids=ids, use_cache=False)
-        finally:
-            model.train(was)
+        with eval_mode(model), torch.no_grad():
+            model(input_ids=ids, use_cache=False)
     except Exception:
         return None
     finally:

@@ -186,6 +186,7 @@ def figures(run_dir: str | Path, out: str | Path | None = None, title: str | Non
     if df.empty:
         return []
     events = df.attrs["events"]
+    view = read_log(run_dir, warn=False)  # the typed records (the fired layer, the locating score)
     name = title or run_dir.name
     paths = []
 
@@ -238,7 +239,7 @@ def figures(run_dir: str | Path, out: str | Path | None = None, title: str | Non
     acts = [c for c in df.columns if c.startswith("activation.") and not c.startswith("activation_norm")]
     if acts:
         fig, ax = plt.subplots(figsize=(8, 3.5))
-        fired = fired_layer(read_log(run_dir, warn=False))
+        fired = fired_layer(view)
         chosen: dict[str, str] = {}
         if fired is not None:  # every environment at the layer where the rule fired
             chosen = {c.split(".")[1]: c for c in acts if c.split(".")[2] == fired[1]}
@@ -273,7 +274,7 @@ def figures(run_dir: str | Path, out: str | Path | None = None, title: str | Non
         _legend(ax, marks, title=how.replace(", where", ",\nwhere").replace(", the", ",\nthe"))
         paths.append(save_figure(fig, out / "activation.png"))
 
-    steps = read_log(run_dir, warn=False).steps
+    steps = view.steps
     if any(r.push for r in steps):
         from .monitor.locate import locate_trajectory
 
@@ -316,6 +317,10 @@ def summary(run_dir: str | Path) -> dict[str, Any]:
     df = load_log(run_dir)
     last = df.iloc[-1].to_dict() if not df.empty else {}
     events = df.attrs["events"]
+    from .monitor.locate import locate_scores
+    from .monitor.runlog import step_from_json
+
+    steps = [step_from_json(r) for r in records if r.get("type") == "step"]  # the records already read
     crossings = [r for r in records if r.get("type") == "crossing"]
     current = [r for r in crossings if not r.get("superseded")]
     halts = [r for r in records if r.get("type") == "halt"]
@@ -343,15 +348,9 @@ def summary(run_dir: str | Path) -> dict[str, Any]:
         "subspace_hash": df.attrs["header"].get("subspace_hash"),
         "mode": df.attrs["header"].get("mode"),
         "baseline_steps": _baseline_steps(df.attrs["header"]),
-        "locate": _locate(run_dir),
-        "locate_watch": _locate(run_dir, watch=True),
+        "locate": locate_scores(steps),
+        "locate_watch": locate_scores(steps, watch=True),
     }
-
-
-def _locate(run_dir: Path, watch: bool = False) -> dict[str, float]:
-    from .monitor.locate import locate_scores
-
-    return locate_scores(read_log(run_dir, warn=False).steps, watch=watch)
 
 
 def _count_by(crossings: list[dict[str, Any]]) -> dict[str, int]:

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from .model import eval_mode
+
 ARCHITECTURES = ("llama", "qwen2", "gpt2", "gpt_neox")
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 
@@ -333,6 +335,21 @@ ZOO_PARTIAL_HAND_TARGETS = ("qwen3_moe", "mixtral", "olmoe", "qwen2_moe", "gpt_o
 _ZOO_BLOCK_PATHS = ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers")
 
 
+def random_subspace(d: int = 64, layers: tuple[int, ...] = (1, 2), k: tuple[int, ...] = (2, 3), seed: int = 0) -> Any:
+    """A :class:`~gradroute.Subspace` of ``k[i]`` random directions at residual layer ``layers[i]``
+    (deterministic for a given seed): the tests' routing target on the tiny models."""
+    from .subspace import Subspace
+
+    g = torch.Generator().manual_seed(seed)
+    return Subspace.from_directions({L: torch.randn(kk, d, generator=g) for L, kk in zip(layers, k)})
+
+
+def random_ids(seed: int = 0, bsz: int = 4, T: int = 12, vocab: int = 100) -> torch.Tensor:
+    """A ``(bsz, T)`` batch of token ids in ``[3, vocab)`` (0/1/2: pad/bos/eos), deterministic."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (bsz, T), generator=g)
+
+
 def zoo_basis(d: int = ZOO_HIDDEN, k: int = 2, seed: int = 0) -> torch.Tensor:
     """A random orthonormal basis U (d x k, float32), seeded."""
     g = torch.Generator().manual_seed(1234 + seed)
@@ -399,12 +416,10 @@ def measure_pins(model: Any, input_ids: torch.Tensor, index: int = ZOO_LAYER) ->
         def pre(m, args, kwargs, key=key):
             pins[key] = _first_tensor_arg(args, kwargs)[1].detach().clone()
         handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
-    was = model.training
-    model.eval()
     try:
-        model(input_ids=input_ids, use_cache=False)
+        with eval_mode(model):
+            model(input_ids=input_ids, use_cache=False)
     finally:
-        model.train(was)
         for h in handles:
             h.remove()
     return pins
@@ -432,13 +447,10 @@ def measure_block_update(model: Any, input_ids: torch.Tensor, pins: dict[str, to
     _, block = zoo_block(model, index)
     # last of all forward hooks: the block's output as the next block receives it
     handles.append(block.register_forward_hook(lambda m, a, o: out.__setitem__("y", _out_tensor(o).detach())))
-    was = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(input_ids=input_ids, use_cache=False)
     finally:
-        model.train(was)
         for h in handles:
             h.remove()
     d = out["y"].double() - pins["block"].double()

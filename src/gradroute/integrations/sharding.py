@@ -41,10 +41,8 @@ from typing import Any
 
 import torch
 
+from ..distributed import zero3_attrs
 from ..errors import ConfigError
-
-#: attributes DeepSpeed ZeRO-3 puts on every partitioned parameter
-ZERO3_PARAM_ATTRS = ("ds_id", "ds_status", "ds_numel")
 
 
 @dataclass(frozen=True)
@@ -123,7 +121,7 @@ def _from_model(model: Any) -> DeepSpeedSetup | None:
         m = getattr(m, "module", None) or (m.get_base_model() if callable(getattr(m, "get_base_model", None)) else None)
     if isinstance(model, torch.nn.Module):
         for name, p in model.named_parameters():
-            attrs = [a for a in ZERO3_PARAM_ATTRS if hasattr(p, a)]
+            attrs = zero3_attrs(p)
             if attrs:
                 return DeepSpeedSetup(3, None, f"parameter {name!r} carries ZeRO-3 attributes ({', '.join(attrs)})")
     return None

@@ -66,8 +66,7 @@ _FIX_MODE = ("route with mode='update' or mode='gradient' (the adapter lives in 
 class Fold:
     """One weight the activation adapter folds into: ``W ← W + scale · lift(C, Ũ, axis)``."""
 
-    module: str            # the routed module (name in the unwrapped model)
-    coords: nn.Parameter   # C, the adapter's coordinates (what the forward hook uses)
+    module: str            # the routed module (name in the unwrapped model); its adapter C is read at each sync
     basis: torch.Tensor    # Ũ (d x k)
     axis: int              # the weight's residual axis (0: Linear writer; 1: Conv1D writer, Embedding)
     shape: tuple[int, ...]  # the weight's shape
@@ -151,8 +150,8 @@ def foldable(router: Any) -> dict[str, Fold]:
                 "model.lm_head.weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone()); "
                 f"model.save_pretrained(dir)) and train from it, or {_FIX_MODE}.")
         key = _compat.vllm_param_name(f"{r.name}.weight")
-        folds[key] = Fold(module=r.name, coords=strategy.params[r.name], basis=r.basis(), axis=r.target.axis,
-                          shape=tuple(wm.weight.shape), scale=scale)
+        folds[key] = Fold(module=r.name, basis=r.basis(), axis=r.target.axis, shape=tuple(wm.weight.shape),
+                          scale=scale)
     return folds
 
 
@@ -164,14 +163,17 @@ def _live(router: Any) -> bool:
     return container is not None and getattr(unwrap_model(router.model), ADAPTERS_ATTR, None) is container
 
 
-def _snapshot(folds: dict[str, Fold], gather: Callable[[list[Any]], Any] | None) -> dict[str, torch.Tensor]:
-    """The adapters' current coordinates (non-zero ones only), read whole."""
+def _snapshot(router: Any, folds: dict[str, Fold],
+              gather: Callable[[list[Any]], Any] | None) -> dict[str, torch.Tensor]:
+    """The adapters' current coordinates (non-zero ones only), read whole — from the parameters
+    the model holds now (FSDP2 / accelerate replace them after the sync is installed)."""
     from contextlib import nullcontext
 
+    live = router.mode_strategy.params
     out = {}
-    with (gather([f.coords for f in folds.values()]) if gather is not None else nullcontext()):
+    with (gather([live[f.module] for f in folds.values()]) if gather is not None else nullcontext()):
         for key, f in folds.items():
-            c = f.coords.detach()
+            c = live[f.module].detach()
             c = c.full_tensor() if hasattr(c, "full_tensor") else c  # an FSDP2 DTensor
             expect = list(f.shape)
             expect[f.axis] = f.basis.shape[1]
@@ -208,12 +210,7 @@ def fold_stream(router: Any, named: Iterable[tuple[str, torch.Tensor]], folds: d
     that makes parameters whole (ZeRO-3). Raises :class:`~gradroute.errors.RoutingError` if a
     non-zero adapter's weight never came by (the stream named it otherwise)."""
     folds = foldable(router) if folds is None else folds
-    if folds:  # the parameters the model holds now (FSDP2 / accelerate replace them after install)
-        from dataclasses import replace
-
-        live = router.mode_strategy.params
-        folds = {k: replace(f, coords=live[f.module]) if f.module in live else f for k, f in folds.items()}
-    coords = _snapshot(folds, gather) if folds and _live(router) else {}
+    coords = _snapshot(router, folds, gather) if folds and _live(router) else {}
     for name, tensor in named:
         key = _compat.vllm_param_name(name)
         if _is_gradroute(key):

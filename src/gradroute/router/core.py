@@ -252,7 +252,9 @@ class GradientRouter:
     def _check_sharding(self) -> None:
         """Refuse sharded (FSDP2) parameters in a mode that cannot route them, and DeepSpeed
         ZeRO-3 partitioned parameters (read outside a forward they are empty placeholders)."""
-        zero3 = [r.name for r in self.routes_state if any(hasattr(b.param, "ds_id") for b in r.blocks)]
+        from ..distributed import zero3_attrs
+
+        zero3 = [r.name for r in self.routes_state if any(zero3_attrs(b.param) for b in r.blocks)]
         if zero3:
             raise ConfigError(
                 f"the routed parameters are DeepSpeed ZeRO-3 partitions (e.g. {zero3[0]!r}): gradroute would read empty "

@@ -32,6 +32,7 @@ def state_dict(router: GradientRouter) -> tuple[dict[str, torch.Tensor], dict[st
     """Tensors (safetensors-ready) and JSON metadata."""
     tensors: dict[str, torch.Tensor] = {}
     envs = router.envs
+    router.mode_strategy.sync_state()
     for r in router.routes_state:
         for i, b in enumerate(r.blocks):
             tensors[f"ref0.{i}.{r.name}"] = b.ref0

@@ -513,9 +513,6 @@ class ActivationMode(RoutingMode):
             self.prev[r.name] = new.clone()
         for blk in self.pinned:               # the base never moves inside the span
             blk.set_coords(blk.ref0, reread=False)
-        for r in self.ctx.routes:             # post_norm="exact": the base moves freely, its coordinates are its own
-            if r.name in self.frozen:
-                r.blocks[0].ref0 = r.blocks[0].coords()
         for g, g0 in self.gains:              # post-norm gains are held while routing
             _write(g, g0)
         self.nonzero = True  # after a step the adapters may hold something (exact again after discard/merge/load)
@@ -552,6 +549,14 @@ class ActivationMode(RoutingMode):
         self.nonzero = any(bool(P.full(p.detach()).abs().max() > 0) for p in self.params.values())
 
     # ------------------------------------------------------------------ persistence
+    @torch.no_grad()
+    def sync_state(self) -> None:
+        """post_norm="exact": the writers move freely (the in-span write comes from the frozen
+        copies), so their base coordinates are read when the state is written, not every step."""
+        for r in self.ctx.routes:
+            if r.name in self.frozen:
+                r.blocks[0].ref0 = r.blocks[0].coords()
+
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """``post_norm="exact"``'s frozen writers and norms (``W_0``, ``n_0``) go with the state:
         a resumed run keeps taking the in-span write from the weights of the original attach."""
@@ -598,18 +603,19 @@ class _WriteHook:
     ``pickle``) keeps a copy of this hook without the live mode (``__getstate__``): it computes
     the same function with the copy's own adapters, and records nothing (no attribution)."""
 
-    def __init__(self, mode: ActivationMode | None, r: Route, kind: str):
-        self.mode, self.route = mode, r
+    def __init__(self, mode: ActivationMode, r: Route, kind: str):
+        self.mode: ActivationMode | None = mode  # None in a copy (``__getstate__``)
+        self.route: Route | None = r
         self.name, self.kind = r.name, kind
         self.orient = r.target.orientation
         self.U32, self.U64 = r.basis32(), r.basis()
-        self.C = mode.params[r.name] if mode is not None else None
         # the adapter is read from the model at call time: FSDP2 swaps in its all-gathered copy for
-        # the forward (and replaces the parameter when it shards the model after the router is built)
-        self.container = mode.container if mode is not None else None
+        # the forward (and replaces the parameter when it shards the model after the router is built);
+        # a copy of the model reads its own copied container
+        self.container = mode.container
         self.key = _Adapters.key(r.name)
-        self.frozen = mode.frozen.get(r.name) if mode is not None else None
-        self.inputs = mode._inputs if mode is not None else {}
+        self.frozen = mode.frozen.get(r.name)
+        self.inputs = mode._inputs
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "mode": None, "route": None}
@@ -641,8 +647,7 @@ class _WriteHook:
         if frozen is not None:  # the in-span part from the frozen branch: y + ŨŨᵀ(n_0(W_0 x) − y)
             y = y + ((ActivationMode._frozen_write(frozen, x, output.dtype) - output.detach()) @ Ut) @ Ut.T
         xin = x.detach()
-        C = self.container.coords[self.key] if self.container is not None else self.C
-        assert C is not None
+        C = self.container.coords[self.key]
         out = y + self.orient.delta_forward(xin, C.to(output.dtype), Ut)
         attribution = mode.attribution if mode is not None else None
         if grad and attribution is not None and out.requires_grad:

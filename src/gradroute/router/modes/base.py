@@ -141,6 +141,10 @@ class RoutingMode:
         """Adapters were set from outside a step (discard, merge, load): sync the mode's copies."""
 
     # ------------------------------------------------------------------ persistence
+    def sync_state(self) -> None:
+        """Bring the routes' bookkeeping (``ref0``) up to date before the router state is written
+        (for bookkeeping a mode does not keep current every step)."""
+
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return {}, {}
 
