@@ -23,6 +23,10 @@ import warnings
 import torch
 from transformers import TrainerCallback
 
+#: the clock steps are timed with: wall time, or the process's CPU time (``--clock cpu``: on a
+#: machine shared with other jobs, what they take from this process's core does not count)
+CLOCK = time.perf_counter
+
 
 class StepTimer(TrainerCallback):
     def __init__(self):
@@ -30,13 +34,14 @@ class StepTimer(TrainerCallback):
         self._t = 0.0
 
     def on_step_begin(self, args, state, control, **kw):
-        self._t = time.perf_counter()
+        self._t = CLOCK()
 
     def on_step_end(self, args, state, control, **kw):
-        self.times.append(time.perf_counter() - self._t)
+        self.times.append(CLOCK() - self._t)
 
 
 ENVS = ("arith", "copy", "reverse", "hack")
+VARIANTS = ("plain", "routed", "attributed", "activation", "activation+attributed", "activation+attributed-nopush")
 
 
 def _reward(completions, env, **kw):
@@ -86,9 +91,9 @@ def _train(trainer, variant: str, sub) -> tuple[list[float], float]:
 
         def timed(*a, **kw):
             nonlocal inner
-            t = time.perf_counter()
+            t = CLOCK()
             out = step(*a, **kw)
-            inner += time.perf_counter() - t
+            inner += CLOCK() - t
             return out
         handle.router.step = timed
     trainer.train()
@@ -100,11 +105,20 @@ def main(argv=None) -> dict[str, float]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--variants", default=None,
+                    help="comma-separated subset of the variants to run (plain always runs: it is the reference)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="time steps by wall clock (default) or by this process's CPU time")
     a = ap.parse_args(argv)
+    global CLOCK
+    CLOCK = time.process_time if a.clock == "cpu" else time.perf_counter
     size = dict(d=64, layers=2, steps=3, gens=4, length=8, k=2) if a.quick else \
         dict(d=256, layers=4, steps=10, gens=8, length=32, k=16)
     rounds = 1 if a.quick else a.rounds
-    variants = ("plain", "routed", "attributed", "activation", "activation+attributed", "activation+attributed-nopush")
+    variants = VARIANTS
+    if a.variants:
+        chosen = {v.strip() for v in a.variants.split(",")}
+        variants = tuple(v for v in VARIANTS if v == "plain" or v in chosen)
     times: dict[str, list[float]] = {v: [] for v in variants}
     per_round: dict[str, list[float]] = {v: [] for v in variants}
     inner: dict[str, list[float]] = {v: [] for v in variants[1:]}
@@ -119,15 +133,16 @@ def main(argv=None) -> dict[str, float]:
     out = {"plain_ms": 1e3 * base}
     ratios = {v: statistics.median(r / p for r, p in zip(per_round[v], per_round["plain"])) for v in per_round}
     print(f"GRPO step, d={size['d']}, {size['layers']} layers, k={size['k']}, 4 environments, "
-          f"{4 * size['gens']} completions x {size['length']} tokens per step")
-    print("| variant | step (ms, median) | ratio to plain | gradroute step work (ms) |")
-    print("|---|---|---|---|")
+          f"{4 * size['gens']} completions x {size['length']} tokens per step; {rounds} rounds, {a.clock} clock")
+    print("| variant | step (ms, median) | ratio to plain | ratio range over rounds | gradroute step work (ms) |")
+    print("|---|---|---|---|---|")
     for v, ts in times.items():
         med = statistics.median(ts)
         work = 1e3 * statistics.mean(inner[v]) if v in inner else 0.0
+        each = [r / p for r, p in zip(per_round[v], per_round["plain"])]
         out[f"{v}_ratio"] = ratios[v]
         out[f"{v}_work_ms"] = work
-        print(f"| {v} | {1e3 * med:.0f} | {ratios[v]:.3f} | {work:.1f} |")
+        print(f"| {v} | {1e3 * med:.0f} | {ratios[v]:.3f} | {min(each):.3f}–{max(each):.3f} | {work:.1f} |")
     return out
 
 

@@ -93,13 +93,14 @@ class Attribution(Capture):
         for r in self.routes:
             name = r.target.module
             update = flat_coords(*deltas[name][:2])
-            grads = self._flat_gradients(r, update.device, grad_sq)
-            if not grads:
+            flat = self._flat_gradients(r, update.device, grad_sq)
+            if flat is None:
                 continue
-            raw = self.replay.module_shares(name, grads, update, b1, b2)
+            envs, grads = flat
+            raw = self.replay.module_shares_rows(name, envs, grads, update, b1, b2)
             if raw is None:
                 continue
-            for e, s in raw.items():
+            for e, s in zip(envs, raw):
                 if s != 0.0:
                     env_weights[self.vocab[e]][name] = s
         # modules no environment touched: their update is unattributed
@@ -112,21 +113,35 @@ class Attribution(Capture):
         self._rewards.clear()
         return step
 
-    def _flat_gradients(self, route: Route, device: torch.device, grad_sq: dict[str, float]) -> dict[int, torch.Tensor]:
-        """``{e: G_e}`` flat (float64, on ``device``) for the environments with a gradient this
-        step or a first moment (zeros for those without a gradient), in index order; adds
-        ``‖G_e‖²`` to ``grad_sq`` by environment name."""
+    def _flat_gradients(self, route: Route, device: torch.device,
+                        grad_sq: dict[str, float]) -> tuple[list[int], torch.Tensor] | None:
+        """The environments with a gradient this step or a first moment, in index order, and
+        their ``G_e`` flat (:func:`flat_coords` layout), stacked (n x P, float64, on ``device``;
+        zeros for those without a gradient); None when there are none. Adds ``‖G_e‖²`` to
+        ``grad_sq`` by environment name."""
         name = route.target.module
-        grads: dict[int, torch.Tensor] = {}
-        for e in sorted(set(self._G[name]) | self.replay.envs(name)):
-            G = self._G[name].get(e)
-            if G is None:
-                grads[e] = torch.zeros(route.target.adapter_params, dtype=torch.float64, device=device)
-                continue
-            g = flat_coords(G, self._Gb[name].get(e)).to(device)
-            grad_sq[self.vocab[e]] += float(g.pow(2).sum())
-            grads[e] = g
-        return grads
+        G, Gb = self._G[name], self._Gb[name]
+        envs = sorted(set(G) | self.replay.envs(name))
+        if not envs:
+            return None
+        W = route.target.adapter_params - (route.target.rank if route.target.bias else 0)
+        full = all(e in G for e in envs)
+        new = torch.empty if full else torch.zeros
+        grads = new(len(envs), route.target.adapter_params, dtype=torch.float64, device=device)
+        for i, e in enumerate(envs):
+            if e in G:  # float32 sums, read once into float64 (the bias block follows the weight block)
+                grads[i, :W].copy_(G[e].reshape(-1))
+                if route.target.bias:
+                    b = Gb.get(e)
+                    if b is None:
+                        grads[i, W:].zero_()
+                    else:
+                        grads[i, W:].copy_(b)
+        sq = torch.linalg.vector_norm(grads, dim=1).pow(2).tolist()
+        for e, v in zip(envs, sq):
+            if e in G:
+                grad_sq[self.vocab[e]] += v
+        return envs, grads
 
     def _step_record(self, env_weights: dict[str, dict[str, float]], grad_sq: dict[str, float]) -> AttributionStep:
         """The step's figures: shares, ``‖G_e‖``, samples, mean rewards, mean activation projections."""

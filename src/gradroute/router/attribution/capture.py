@@ -34,6 +34,7 @@ from ...errors import EnvColumnError, PackingError
 from ...hooks import LiveOnly
 from ...layers import LayerKey
 from ...model import add_residual_hook, weight_module
+from ...orientation import Orientation
 from ..envs import Environments
 
 if TYPE_CHECKING:
@@ -43,6 +44,113 @@ __all__ = ["WATCH", "Capture"]
 
 #: the probe keys of watched (monitored, not routed) residual layers: ``"watch:<L>"``
 WATCH = "watch:"
+
+
+class RowEnvs:
+    """The environments of one micro-batch's rows, for per-environment sums in one contraction.
+
+    ``ids``: (B,) environment indices (CPU); ``present``: the distinct ones, ascending;
+    ``single``: the one environment when all rows share it (else None). With ``E`` the rows'
+    one-hot (B x n, ``E[b, j] = 1`` iff row b is in ``present[j]``), a per-environment sum of
+    per-row values ``V`` (B x ...) is ``Eᵀ V`` (:meth:`sum_by_env`): one matmul for every
+    environment of a mixed micro-batch instead of a masked copy and a sum per environment.
+    """
+
+    __slots__ = ("_cache", "ids", "present", "single")
+
+    def __init__(self, ids: torch.Tensor):
+        self.ids = ids
+        self.present: list[int] = sorted(set(ids.tolist()))
+        self.single: int | None = self.present[0] if len(self.present) == 1 else None
+        self._cache: dict[Any, Any] = {}
+
+    def __len__(self) -> int:
+        return self.ids.numel()
+
+    def position(self, device: torch.device) -> torch.Tensor:
+        """(B,) long: each row's index into ``present``."""
+        key = ("pos", device)
+        pos = self._cache.get(key)
+        if pos is None:
+            index = {e: j for j, e in enumerate(self.present)}
+            pos = self._cache[key] = torch.tensor([index[e] for e in self.ids.tolist()], dtype=torch.long,
+                                                  device=device)
+        return pos
+
+    def onehot(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """``E`` (B x n): ``E[b, j] = 1`` iff row b belongs to environment ``present[j]``."""
+        key = ("onehot", device, dtype)
+        E = self._cache.get(key)
+        if E is None:
+            pos = self.position(torch.device("cpu"))
+            E = torch.zeros(pos.numel(), len(self.present), dtype=dtype)
+            E[torch.arange(pos.numel()), pos] = 1
+            E = self._cache[key] = E.to(device)
+        return E
+
+    def sum_by_env(self, values: torch.Tensor) -> torch.Tensor:
+        """``S[j] = Σ_{b : env_b = present[j]} values[b]`` (n x ...), as ``Eᵀ V`` over the rows
+        (a plain sum over rows when one environment holds them all)."""
+        if self.single is not None:
+            return values.sum(0, keepdim=True)
+        B = values.shape[0]
+        E = self.onehot(values.device, values.dtype)
+        return (E.T @ values.reshape(B, -1)).reshape(len(self.present), *values.shape[1:])
+
+    def token_weights(self, w: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+        """``W`` (n x B·T): ``W[j, (b, t)] = E[b, j]·w_bt`` for the live-token weights ``w`` (B, T),
+        so that ``W X`` sums the live tokens of each environment's rows; and each environment's
+        live-token count. Kept for the last ``w`` seen (the probe layers of one forward share it)."""
+        hit = self._cache.get("tokens")
+        if hit is not None and hit[0] is w:
+            return hit[1], hit[2]
+        W = (self.onehot(w.device, w.dtype).T[:, :, None] * w[None]).reshape(len(self.present), -1)
+        counts = W.sum(1).tolist()
+        self._cache["tokens"] = (w, W, counts)  # type: ignore[assignment]
+        return W, counts
+
+    def accumulate(self, acc: dict[int, torch.Tensor], values: torch.Tensor) -> None:
+        """``acc[e] += Σ_{b ∈ e} values[b]`` for every present environment e (:meth:`sum_by_env`)."""
+        add_by_env(acc, self.present, self.sum_by_env(values))
+
+
+def contract_by_env(orient: Orientation, r: torch.Tensor, o: torch.Tensor, rows: int, env: RowEnvs) -> torch.Tensor:
+    """The token contraction of :meth:`Orientation.contract` summed per environment:
+    ``G_e = Σ_{b ∈ e} Σ_t r_bt ⊗ o_bt`` in C's orientation, stacked (n x ...) in ``env.present``
+    order; ``r`` (B, T, k), ``o`` (B, T, m) or token ids (B, T), ``rows`` the embedding's rows.
+
+    One environment: one contraction over all tokens. Mixed rows: writers and readers contract
+    per row (:meth:`Orientation.contract_rows`, one batched matmul) and sum the rows by
+    environment (``Eᵀ``, :meth:`RowEnvs.sum_by_env`); embeddings index-add into one table of
+    ``n·rows`` rows, token ``id`` of a row in ``present[j]`` landing on row ``j·rows + id``."""
+    k = r.shape[-1]
+    if env.single is not None:
+        flat = o.reshape(-1) if orient.side == "embed" else o.reshape(-1, o.shape[-1])
+        return orient.contract(r.reshape(-1, k), flat, rows).unsqueeze(0)
+    if orient.side == "embed":
+        n = len(env.present)
+        ids = o + (env.position(o.device) * rows)[:, None]
+        return orient.contract(r.reshape(-1, k), ids.reshape(-1), n * rows).reshape(n, rows, k)
+    return env.sum_by_env(orient.contract_rows(r, o, rows))
+
+
+def token_sums(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Per row, the weighted sum over tokens ``Σ_t w_t x_t`` (B x d) of ``x`` (B, T, d) with
+    token weights ``w`` (B, T) (the live-token mask): one batched matmul. Projections of it are
+    the projections' sums (``Σ_t w_t Uᵀx_t = Uᵀ Σ_t w_t x_t``), at a d-vector per row instead of
+    a k-vector per token."""
+    B = x.shape[0]
+    return torch.bmm(w.to(x.dtype).reshape(B, 1, -1), x.reshape(B, w.shape[-1], -1)).reshape(B, -1)
+
+
+def add_by_env(acc: dict[int, torch.Tensor], envs: Sequence[int], sums: torch.Tensor) -> None:
+    """``acc[envs[j]] += sums[j]``, in place (a new entry is ``sums[j]`` itself: the entries are
+    the capture's own sums, never a tensor held elsewhere)."""
+    for j, e in enumerate(envs):
+        if e in acc:
+            acc[e].add_(sums[j])
+        else:
+            acc[e] = sums[j]
 
 
 class Capture:
@@ -75,7 +183,9 @@ class Capture:
         self.environments = environments
         self.probes = dict(probes)
         self._ctx: torch.Tensor | None = None
+        self._envs: RowEnvs | None = None  # self._ctx, ready for per-environment sums
         self._mask: torch.Tensor | None = None
+        self._weights: tuple[Any, Any, torch.Tensor] | None = None  # _live_weights' last (mask, shape, w)
         self._G: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
         self._Gb: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
         self._pending: list[tuple[str, torch.Tensor, bool]] = []      # (module, per-row G, is_bias)
@@ -120,10 +230,10 @@ class Capture:
     def set_batch(self, env_ids: Any | None, attention_mask: torch.Tensor | None = None) -> None:
         """Environments of the rows of the next forward/backward passes (None clears)."""
         self._ctx = None if env_ids is None else self._to_index(env_ids)
+        self._envs = None if self._ctx is None else RowEnvs(self._ctx)
         self._mask = attention_mask
-        ctx = self._ctx  # one environment in the whole batch: the adapters' own gradients can be read
-        self._ctx_single = (int(ctx[0]) if ctx is not None and ctx.numel() > 0 and bool((ctx == ctx[0]).all())
-                            and world_size() == 1 else None)
+        # one environment in the whole batch: the adapters' own gradients can be read
+        self._ctx_single = self._envs.single if self._envs is not None and world_size() == 1 else None
 
     class _Batch:
         def __init__(self, attr: Capture, env_ids: Any, mask: Any):
@@ -214,7 +324,7 @@ class Capture:
         the rows' environments."""
         if not (self._active(module) and torch.is_tensor(output) and output.requires_grad) or x is None:
             return None
-        env = self._ctx
+        env = self._envs
         if route.name in self._param_of:
             self._single_env = self._ctx_single if env is not None else None
             if self._single_env is not None:  # read off the adapter's own gradient after the backward
@@ -245,17 +355,25 @@ class Capture:
             return
         g = p.grad.detach()
         last = self._last_grad.get(name)
-        delta = g if last is None else g - last
         self._last_grad[name] = g.clone()
         e = self._single_env
         if e is None:
             return  # the token hooks captured this backward
+        delta = g if last is None else g - last
         acc = self._G[name]
         delta = delta.float()
         acc[e] = acc[e] + delta if e in acc else delta.clone()
 
     @torch.no_grad()
-    def _backward(self, route: Route, x: torch.Tensor, g: torch.Tensor, env: torch.Tensor | None) -> None:
+    def _backward(self, route: Route, x: torch.Tensor, g: torch.Tensor, env: RowEnvs | None) -> None:
+        """The hook's work: this backward's ``G_e`` by environment, added to ``_G``."""
+        G = self._contract(route, x, g, env)
+        if G is not None:
+            add_by_env(self._G[route.target.module], env.present, G)  # type: ignore[union-attr]
+
+    def _contract(self, route: Route, x: torch.Tensor, g: torch.Tensor, env: RowEnvs | None) -> torch.Tensor | None:
+        """``G_e`` of the rows (n x ..., in ``env.present`` order); writer-bias sums go to ``_Gb``.
+        Without environments (None returned) the per-row sums wait in ``_pending``."""
         t = route.target
         orient = t.orientation
         has_bias = len(route.blocks) > 1
@@ -280,29 +398,16 @@ class Capture:
             self._pending.append((t.module, orient.contract_rows(r, o, rows_e), False))
             if has_bias:
                 self._pending.append((t.module, r.sum(1), True))
-            return
-        if env.numel() != B:
+            return None
+        if len(env) != B:
             raise PackingError(
-                f"{env.numel()} environment ids for a batch of {B} rows at {t.module!r}: rows were packed or "
+                f"{len(env)} environment ids for a batch of {B} rows at {t.module!r}: rows were packed or "
                 "reshaped, so tokens cannot be matched to environments.",
                 "keep one row per sample (no packing / padding-free batching) while attributing.",
             )
-        env = env.to(r.device)
-        present = env.unique().tolist()
-        for e in present:
-            if len(present) == 1:  # the usual case in GRPO (one prompt group per micro-batch): no copies
-                rr, oo = r.reshape(-1, k), o
-            else:
-                rows = env == e
-                rr, oo = r[rows].reshape(-1, k), o[rows]
-            oo = oo.reshape(-1) if t.side == "embed" else oo.reshape(-1, oo.shape[-1])
-            G = orient.contract(rr, oo, rows_e)
-            acc = self._G[t.module]
-            acc[e] = acc[e] + G if e in acc else G
-            if has_bias:
-                gb = rr.sum(0)
-                accb = self._Gb[t.module]
-                accb[e] = accb[e] + gb if e in accb else gb
+        if has_bias:
+            env.accumulate(self._Gb[t.module], r.sum(1))
+        return contract_by_env(orient, r, o, rows_e, env)
 
     @classmethod
     def _with_null(cls, U: torch.Tensor, i: int) -> torch.Tensor:
@@ -318,7 +423,7 @@ class Capture:
         return torch.cat([Ud, R], dim=1).float().to(U.device)
 
     @torch.no_grad()
-    def _push_backward(self, layer: LayerKey, g: torch.Tensor, w: torch.Tensor, env: torch.Tensor | None) -> None:
+    def _push_backward(self, layer: LayerKey, g: torch.Tensor, w: torch.Tensor, env: RowEnvs | None) -> None:
         """The persona push of the backward pass at ``layer``: per row, ``−Σ_t w_t D ᵀ g_t`` with
         ``g_t = ∂loss/∂h_t`` the residual gradient at token t, ``w`` the live-token mask and
         ``D = [U | R]`` (:meth:`_with_null`). ``−Uᵀg`` is the first-order direction in which the
@@ -327,17 +432,27 @@ class Capture:
         directions, whose spread is the push's null."""
         D = self._push_dirs[layer]
         D = D if D.device == g.device else D.to(g.device)
-        B = g.shape[0]
-        c = (g.float() @ D).reshape(B, -1, D.shape[1])
-        sums = -(c * w.to(c.device, c.dtype)[..., None]).sum(1)  # (B, k + m)
+        g = g.float()
         if env is None:
-            self._pending_push.append((layer, sums))
+            self._pending_push.append((layer, -(token_sums(g, w) @ D)))  # per row (B, k + m)
             return
-        env = env.to(sums.device)
-        acc = self._push[layer]
-        for e in env.unique().tolist():
-            s = sums[env == e].sum(0)
-            acc[e] = acc[e] + s if e in acc else s
+        W, _ = env.token_weights(w)
+        add_by_env(self._push[layer], env.present, -((W.to(g.dtype) @ g.reshape(W.shape[1], -1)) @ D))
+
+    def _live_weights(self, B: int, T: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The live-token weights ``w`` (B, T) of the current forward: the attention mask when it
+        matches the activations' shape, else ones. The same tensor for every probe layer of a
+        forward (so what is derived from it is computed once)."""
+        mask = self._mask
+        if mask is not None and (mask.shape[0] != B or mask.shape[1] != T):
+            mask = None
+        key = (B, T, device, dtype)
+        hit = self._weights
+        if hit is not None and hit[0] is mask and hit[1] == key:
+            return hit[2]
+        w = torch.ones(B, T, device=device, dtype=dtype) if mask is None else mask.to(device, dtype)
+        self._weights = (mask, key, w)
+        return w
 
     def _activation_hook(self, U: torch.Tensor):
         per_device = {U.device: U.to(torch.float32)}
@@ -348,28 +463,28 @@ class Capture:
             with torch.no_grad():
                 if h.device not in per_device:
                     per_device[h.device] = per_device[next(iter(per_device))].to(h.device)
-                c = P.coords(h.detach(), per_device[h.device])       # (B, T, k)
-                B, k = c.shape[0], c.shape[-1]
-                c = c.reshape(B, -1, k)
-                mask = self._mask
-                if mask is None or mask.shape[0] != B or mask.shape[1] != c.shape[1]:
-                    w = torch.ones(B, c.shape[1], device=c.device)
-                else:
-                    w = mask.to(c.device, c.dtype)
-                sums = (c * w[..., None]).sum(1)                  # (B, k)
-                tokens = w.sum(1)                                 # (B,)
+                x = h.detach()
+                B = x.shape[0]
+                x = x.reshape(B, -1, x.shape[-1]).to(P.compute_dtype(x))
+                T = x.shape[1]
+                w = self._live_weights(B, T, x.device, x.dtype)
+                U = per_device[h.device]
+                env = self._envs
                 if self.record_push and h.requires_grad:
-                    h.register_hook(lambda g, L=layer, w=w, env=self._ctx: self._push_backward(L, g.detach(), w, env))
-                if self._ctx is None:
-                    self._pending_act.append((layer, sums, tokens))
+                    h.register_hook(lambda g, L=layer, w=w, env=env: self._push_backward(L, g.detach(), w, env))
+                if P.is_sharded(x):  # a DTensor: its coordinates come from the slabs (P.coords), then the sums
+                    x = P.coords(x, U)
+                    U = None
+                if env is None:
+                    sums = token_sums(x, w)                                # (B, ·): Σ_t w_t h_t per row
+                    self._pending_act.append((layer, sums if U is None else P.coords(sums, U), w.sum(1)))
                     return
-                env = self._ctx.to(c.device)
-                for e in env.unique().tolist():
-                    rows = env == e
-                    acc, cnt = self._act[layer], self._act_tokens[layer]
-                    s = sums[rows].sum(0)
-                    acc[e] = acc[e] + s if e in acc else s
-                    cnt[e] = cnt.get(e, 0.0) + float(tokens[rows].sum())
+                W, counts = env.token_weights(w)
+                sums = W @ x.reshape(W.shape[1], -1)                       # (n, ·): Σ_{t live, row ∈ e} h_t
+                add_by_env(self._act[layer], env.present, sums if U is None else P.coords(sums, U))
+                cnt = self._act_tokens[layer]
+                for e, n in zip(env.present, counts):
+                    cnt[e] = cnt.get(e, 0.0) + n
             return
         return hook
 
@@ -384,34 +499,24 @@ class Capture:
         for module, per_row, is_bias in self._pending:
             by_module[(module, is_bias)].append(per_row)
         for (module, is_bias), parts in by_module.items():
-            rows = torch.cat(parts)
-            env = ids.to(rows.device)
-            acc = (self._Gb if is_bias else self._G)[module]
-            for e in env.unique().tolist():
-                s = rows[env == e].sum(0)
-                acc[e] = acc[e] + s if e in acc else s
+            RowEnvs(ids).accumulate((self._Gb if is_bias else self._G)[module], torch.cat(parts))
         by_layer: dict[LayerKey, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
         for layer, sums, tokens in self._pending_act:
             by_layer[layer].append((sums, tokens))
         for layer, parts in by_layer.items():
             sums = torch.cat([p[0] for p in parts])
             tokens = torch.cat([p[1] for p in parts])
-            env = ids.to(sums.device)[: sums.shape[0]]
-            for e in env.unique().tolist():
-                rows = env == e
-                acc = self._act[layer]
-                acc[e] = acc[e] + sums[rows].sum(0) if e in acc else sums[rows].sum(0)
-                self._act_tokens[layer][e] = self._act_tokens[layer].get(e, 0.0) + float(tokens[rows].sum())
+            env = RowEnvs(ids[: sums.shape[0]])
+            env.accumulate(self._act[layer], sums)
+            cnt = self._act_tokens[layer]
+            for e, n in zip(env.present, env.sum_by_env(tokens).tolist()):
+                cnt[e] = cnt.get(e, 0.0) + n
         by_layer_push: dict[LayerKey, list[torch.Tensor]] = defaultdict(list)
         for layer, sums in self._pending_push:
             by_layer_push[layer].append(sums)
         for layer, parts in by_layer_push.items():
             sums = torch.cat(parts)
-            env = ids.to(sums.device)[: sums.shape[0]]
-            acc = self._push[layer]
-            for e in env.unique().tolist():
-                s = sums[env == e].sum(0)
-                acc[e] = acc[e] + s if e in acc else s
+            RowEnvs(ids[: sums.shape[0]]).accumulate(self._push[layer], sums)
         for e in ids.tolist():
             self._rows[e] += 1.0
         self._pending, self._pending_act, self._pending_rows, self._pending_push = [], [], 0, []
@@ -453,6 +558,7 @@ class Capture:
         self._last_grad.clear()  # the optimizer step is followed by zero_grad
         self._rows.clear()
         self._ctx = None
+        self._envs = None
 
     def reset_step(self) -> None:
         """Forget what was captured for a step the optimizer skipped."""
