@@ -23,7 +23,9 @@ The adapters are parameters of the model (``<model>.gradroute_adapters``), train
 user's optimizer: create it after the router, over ``model.parameters()``. Their learning rate
 is the optimizer's times ``adapter_lr_multiplier`` (or ``adapter_lr``), applied exactly by
 scaling each step's adapter update (``C ← C_prev + m (C − C_prev)``, exact for SGD, momentum,
-Adam and AdamW, whose state does not depend on the learning rate). Discarding zeroes C: the
+Adam and AdamW, whose state does not depend on the learning rate). ``adapter_weight_decay`` λ
+adds a decoupled decay at the adapter's learning rate: ``C ← C − m η λ C_prev`` (η the
+optimizer's learning rate for the adapters' group), on top of any the optimizer applies itself. Discarding zeroes C: the
 model is then exactly its base. On save the adapter is a plain PEFT LoRA (B = Ũ, A = C).
 
 **Post-norm branches** (Gemma 2/3, OLMo 2; refused unless ``post_norm`` is ``"exact"`` or
@@ -484,6 +486,17 @@ class ActivationMode(RoutingMode):
                 return float(self.adapter_lr) / float(g["lr"]) if g["lr"] > 0 else 0.0
         return self.multiplier
 
+    def _group_lr(self) -> float:
+        """The optimizer's learning rate for the adapters' parameter group (0 without an optimizer)."""
+        opt = self.ctx.optimizer()
+        if opt is None:
+            return 0.0
+        mine = {id(p) for p in self.params.values()}
+        for g in opt.param_groups:
+            if any(id(p) in mine for p in g["params"]):
+                return float(g["lr"])
+        return 0.0
+
     @torch.no_grad()
     def after_step(self) -> dict[str, list[torch.Tensor]]:
         if not self._checked_optimizer:
@@ -498,14 +511,15 @@ class ActivationMode(RoutingMode):
             else:
                 self._checked_optimizer = True
         m = self._lr_multiplier()
+        decay = m * self._group_lr() * float(self.options.get("adapter_weight_decay") or 0.0)
         deltas: dict[str, list[torch.Tensor]] = {}
         for r in self.ctx.routes:
             p = self.params[r.name]
             b = r.blocks[0]
             prev = self.prev[r.name]
             new = P.full(p.detach()).to(r.dtype)  # the whole adapter (small), also when sharded
-            if m != 1.0:
-                new = prev + m * (new - prev)
+            if m != 1.0 or decay:
+                new = prev + m * (new - prev) - decay * prev
                 _write(p, new)
                 new = new.to(p.dtype).to(r.dtype)   # what the parameter holds
             deltas[r.name] = [new - prev]
