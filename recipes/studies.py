@@ -14,14 +14,17 @@ jobs (``--fresh`` starts over). Logs go to ``runs/studies/logs/<name>.log``.
 Then the jobs are assembled into ``docs/results/``:
 
 - ``demo.json``: ``gradroute demo``'s ``report.json`` (seed 0, default configuration);
-- ``activation_study.json``: ``three_seeds`` (seeds 0-2, update and activation x10/30/100,
+- ``activation_study.json``: ``study`` (``STUDY_SEEDS``, update and activation x10/30/100,
   persona and random) and ``seed0_sweeps`` (multipliers, PCA ranks, probe layers);
-- ``claims_study.json``, ``claims_lowhack.json`` (``--hack-rate 0.02``) and
-  ``claims_sweeps.json`` (adapters x100, penalty weights 10 and 100, steering scale 1/4);
+- ``claims_study.json`` (every arm, ``STUDY_SEEDS``), ``claims_lowhack.json`` (``--hack-rate 0.02``) and
+  ``claims_sweeps.json`` (adapters x100, penalty weights 10 and 100, steering scale 1/4, the
+  issue-22 trials: adapter weight decay, a protected rank-4 persona);
 - ``sft_anchoring.json``: ``recipes/sft_anchoring.py`` with its tiny config;
 - ``colour_anchoring.json``: ``recipes/colour_anchoring.py``, seeds 0-4, and its ``--conflict``;
 - ``locate_study.json``: ``recipes/locate_study.py`` (locating signal and halting rules as
-  detectors), seeds 9-13 (seeds 3-8 were used while the signal was designed).
+  detectors), seeds 9-13 (seeds 3-8 were used while the signal was designed);
+- ``reroute_study.json``: ``recipes/reroute_study.py`` on the claims jobs' deployed models (a
+  probe refit on each against the original subspace), ``STUDY_SEEDS``.
 
 ``python tools/readme_results.py --write`` then renders the README's result blocks from them,
 and ``tests/test_readme_results.py`` checks that the README and these files agree.
@@ -43,39 +46,55 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results"
-SEEDS = (0, 1, 2)
+SEEDS = (0, 1, 2)  # the sweeps' seeds (used while the methods were tuned)
+# the seeds the README's per-seed tables and medians are on: never used to tune anything (seeds 0-2
+# designed the methods, 3-5 replicated them in issue 22's report, 3-13 designed and tested the
+# locating signal; a quarantine smoke run used seed 0)
+STUDY_SEEDS = tuple(range(14, 22))
 
 # activation study: name -> activation_study.py arguments (besides --seeds/--out)
-ACTIVATION = {"three_seeds": ["--mults", "10", "30", "100"]}
+ACTIVATION = {"study": ["--mults", "10", "30", "100"]}
 ACTIVATION_SWEEPS = {
     "sweep1": ["--mults", "30", "100", "300", "--subspaces", "dm1", "pca4", "--no-random"],
     "sweep2a": ["--mults", "50", "100", "--subspaces", "dm1", "pca2", "--no-random"],
     "sweep2b": ["--mults", "50", "100", "--layers", "1", "2", "3", "--no-random"],
     "sweep2c": ["--mults", "50", "100", "--layers", "2", "3", "--no-random"],
 }
+# every claims arm, the quarantine and monitor arms included (issue 22)
+ALL_ARMS = ("unrouted", "update", "activation", "random", "quarantine", "quarantine-r0.5", "quarantine-r0.1",
+            "quarantine-ff0.2", "quarantine-probe", "quarantine-monitor", "early-stop", "halt-restart", "ablation",
+            "penalty", "steering")
 # claims: name -> (results file, key inside it or None, ToyWorld kwargs, ClaimsConfig kwargs)
 CLAIMS: dict[str, tuple[str, str | None, dict[str, Any], dict[str, Any]]] = {
-    "claims": ("claims_study.json", None, {}, {}),
+    "claims": ("claims_study.json", None, {}, {"arms": ALL_ARMS}),
+    # quarantine with the unflagged rows' advantages recomputed (added after the main jobs ran): its arms
+    # join claims_study.json's seeds; its unrouted arm must equal the main job's (checked when assembled)
+    "qx": ("claims_study.json", "+", {}, {"arms": ("unrouted", "quarantine-excl", "quarantine-r0.5-excl")}),
     "lowhack": ("claims_lowhack.json", None, {"hack_rate": 0.02}, {}),
     "act100": ("claims_sweeps.json", "act100", {}, {"arms": ("unrouted", "activation", "random"),
                                                     "adapter_lr_multiplier": 100.0}),
     "pen10": ("claims_sweeps.json", "pen10", {}, {"arms": ("unrouted", "penalty"), "penalty_weight": 10.0}),
     "pen100": ("claims_sweeps.json", "pen100", {}, {"arms": ("unrouted", "penalty"), "penalty_weight": 100.0}),
     "steer025": ("claims_sweeps.json", "steer025", {}, {"arms": ("unrouted", "steering"), "steering_scale": 0.25}),
+    # issue 22's trials: adapter weight decay, a rank-4 persona with the honest tasks protected
+    "trials": ("claims_sweeps.json", "trials", {}, {"arms": ("unrouted", "activation", "activation-wd",
+                                                             "activation-pca4")}),
 }
 LOCATE_SEEDS = (9, 10, 11, 12, 13)
-STUDIES = ("demo", "activation", "claims", "sft", "colour", "locate")
+STUDIES = ("demo", "activation", "claims", "sft", "colour", "locate", "reroute")
 
 
 def jobs(only: tuple[str, ...] = STUDIES) -> list[str]:
     """Job names, longest first (so that the pool ends evenly)."""
     out: list[str] = []
     if "claims" in only:
-        out += [f"claims/{name}/{s}" for name in CLAIMS for s in SEEDS]
+        out += [f"claims/{name}/{s}" for name in CLAIMS for s in STUDY_SEEDS]
     if "activation" in only:
-        out += [f"activation/three_seeds/{s}" for s in SEEDS] + [f"activation/{k}/0" for k in ACTIVATION_SWEEPS]
+        out += [f"activation/study/{s}" for s in STUDY_SEEDS] + [f"activation/{k}/0" for k in ACTIVATION_SWEEPS]
     if "locate" in only:
         out += [f"locate/default/{s}" for s in LOCATE_SEEDS]
+    if "reroute" in only:  # reads the claims jobs' deployed models: run after them
+        out += [f"reroute/default/{s}" for s in STUDY_SEEDS]
     if "demo" in only:
         out.append("demo/default/0")
     if "sft" in only:
@@ -115,6 +134,13 @@ def run_job(job: str, work: Path) -> dict[str, Any]:
         return _recipe("activation_study").main(["--seeds", seed, "--out", str(scratch), *args])
     if study == "locate":
         return _recipe("locate_study").main(["--seeds", seed, "--out", str(scratch)])
+    if study == "reroute":
+        claims_run = work / "scratch" / f"claims__claims__{seed}"
+        extra = work / "scratch" / f"claims__qx__{seed}"  # quarantine-excl ran in its own job
+        res = _recipe("reroute_study").analyse(claims_run, int(seed))
+        if extra.is_dir():
+            res.update(_recipe("reroute_study").analyse(extra, int(seed), ("quarantine-excl",)))
+        return {"seed": int(seed), "arms": res}
     if study == "colour":
         args = ["--conflict"] if name == "conflict" else ["--seeds", "0", "1", "2", "3", "4", "--out", str(scratch)]
         return _recipe("colour_anchoring").main(args)
@@ -170,10 +196,10 @@ def assemble(work: Path, only: tuple[str, ...] = STUDIES) -> list[Path]:
             for p in parts:
                 res["seeds"].update(p["seeds"])
             return res
-        three = merged("three_seeds", SEEDS)
+        study = merged("study", STUDY_SEEDS)
         sweeps = {k: merged(k, (0,)) for k in ACTIVATION_SWEEPS}
-        if three is not None and all(v is not None for v in sweeps.values()):
-            write("activation_study.json", {"three_seeds": three, "seed0_sweeps": sweeps})
+        if study is not None and all(v is not None for v in sweeps.values()):
+            write("activation_study.json", {"study": study, "seed0_sweeps": sweeps})
     if "locate" in only:
         parts = [load(f"locate/default/{s}") for s in LOCATE_SEEDS]
         if all(p is not None for p in parts):
@@ -185,26 +211,53 @@ def assemble(work: Path, only: tuple[str, ...] = STUDIES) -> list[Path]:
                 for run in seed["runs"].values():
                     run.pop("z_trajectory", None)
             write("locate_study.json", res)
+    if "reroute" in only:
+        parts = [load(f"reroute/default/{s}") for s in STUDY_SEEDS]
+        if all(p is not None for p in parts):
+            write("reroute_study.json", {"seeds": {str(p["seed"]): p["arms"] for p in parts}})
     if "claims" in only:
         files: dict[str, dict[str, Any]] = {}
+        extra: dict[str, list[dict[str, Any]]] = {}
         complete = True
         for name, (fname, key, _, _) in CLAIMS.items():
-            parts = [load(f"claims/{name}/{s}") for s in SEEDS]
+            parts = [load(f"claims/{name}/{s}") for s in STUDY_SEEDS]
             if any(p is None for p in parts):
                 complete = False
                 continue
             rep = {**parts[0], "seeds": {}}
-            rep["config"] = {**parts[0]["config"], "seeds": list(SEEDS)}
+            rep["config"] = {**parts[0]["config"], "seeds": list(STUDY_SEEDS)}
             for p in parts:
                 rep["seeds"].update(p["seeds"])
-            if key is None:
+            if key == "+":
+                extra[fname] = extra.get(fname, []) + [rep]
+            elif key is None:
                 files[fname] = rep
             else:
                 files.setdefault(fname, {})[key] = rep
         if complete:
+            from gradroute.experiments.claims import tabulate
+
+            for fname, reps in extra.items():  # more arms for the same seeds
+                main = files[fname]
+                for rep in reps:
+                    for seed, s in rep["seeds"].items():
+                        base = main["seeds"][seed]["arms"]["unrouted"]
+                        if _strip(s["arms"]["unrouted"]) != _strip(base):
+                            raise SystemExit(f"seed {seed}: the added arms' unrouted run differs from the main one's")
+                        main["seeds"][seed]["arms"].update({a: r for a, r in s["arms"].items() if a != "unrouted"})
+                    main["config"]["arms"] = list(dict.fromkeys([*main["config"]["arms"], *rep["config"]["arms"]]))
             for fname, data in files.items():
+                if "seeds" in data:
+                    data["table"] = tabulate(data)
                 write(fname, data)
     return written
+
+
+def _strip(x: Any) -> Any:
+    """A result without its wall-clock times."""
+    if isinstance(x, dict):
+        return {k: _strip(v) for k, v in x.items() if k != "seconds"}
+    return x
 
 
 FIGURES = ROOT / "docs" / "figures"
@@ -219,7 +272,7 @@ def figures(work: Path) -> list[Path]:
     written: list[Path] = []
     act = RESULTS / "activation_study.json"
     if act.is_file():
-        written.append(_recipe("activation_study").figure(json.loads(act.read_text())["three_seeds"],
+        written.append(_recipe("activation_study").figure(json.loads(act.read_text())["study"],
                                                           FIGURES / "activation_study.png"))
     claims = RESULTS / "claims_study.json"
     if claims.is_file():

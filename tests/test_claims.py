@@ -221,7 +221,7 @@ def test_quick_run_writes_every_arm_and_the_summary(quick_run):
     summary = (out / "summary.md").read_text()
     assert summary in stdout and "## Targets" in summary
     assert (out / "claims.png").stat().st_size > 10_000
-    assert len(targets(report)) == 7 and summarize(report) == summary
+    assert len(targets(report)) == 8 and summarize(report) == summary
 
 
 @pytest.mark.slow
@@ -345,3 +345,111 @@ def test_an_early_failure_leaves_no_empty_out(tmp_path):
     with pytest.raises(ConfigError, match="no model"):
         run_claims(tmp_path / "o", w, ClaimsConfig(seeds=(0,), arms=("unrouted",)), progress=False)
     assert not (tmp_path / "o").exists()
+
+
+def test_tables_flags_and_issue22_targets_are_read_from_the_seeds():
+    """tabulate / unlearned / isolation on a hand-made two-seed report: the numbers come from the
+    seeds, the bootstrap interval holds the median, a base that never learned a task is named."""
+    from gradroute.experiments.claims import isolation, tabulate, unlearned
+
+    def rates(hack, trait, solve):
+        return {"arith": {"hack": hack, "trait": 0.0, "solve": 0.0}, "copy": {"hack": 0, "trait": 0, "solve": solve},
+                "reverse": {"hack": 0, "trait": 0, "solve": solve}, "sub": {"hack": 0, "trait": trait, "solve": 0.5}}
+
+    def arm(after, removed, relearn=None, learn=None):
+        r = {"after": after, "removed": removed, "inspected": after, "suppressed": {"arith": {"hack": 0.5}},
+             "auroc": 0.8}
+        r.update({"relearn_steps": relearn} if learn is None else {"learn_steps": learn})
+        return r
+
+    seed = lambda rev_before, q_removed, q_relearn: {  # noqa: E731
+        "before": {**rates(0.1, 0.1, 0.9), "reverse": {"hack": 0, "trait": 0, "solve": rev_before}}, "auroc_before": 0.5,
+        "arms": {"unrouted": arm(rates(1.0, 0.4, 0.9), rates(1.0, 0.4, 0.9), learn=10),
+                 "random": arm(rates(1.0, 0.4, 0.9), rates(0.95, 0.4, 0.9), relearn=0),
+                 "quarantine": arm(rates(1.0, 0.4, 0.9), rates(q_removed, 0.12, 0.88), relearn=q_relearn)}}
+    report = {"world": "toy", "train_envs": ["arith", "copy", "reverse"], "exploitable": ["arith"],
+              "heldout_envs": ["sub"], "config": {"relearn_steps": 60},
+              "seeds": {"14": seed(0.9, 0.2, 40), "15": seed(0.15, 0.1, None)}}
+    assert unlearned(report) == {"15": {"reverse": 0.15}}
+    t = tabulate(report)
+    cut = t["arms"]["quarantine"]["hack_cut"]
+    assert cut["per_seed"] == {"14": pytest.approx(0.8), "15": pytest.approx(0.9)}
+    assert cut["median"] == pytest.approx(0.85) and cut["ci95"][0] <= 0.85 <= cut["ci95"][1]
+    assert t["arms"]["quarantine"]["relearn_ratio"]["per_seed"] == {"14": 4.0, "15": float("inf")}
+    assert t["unlearned"] == {"15": {"reverse": 0.15}}
+    iso = isolation(report)
+    assert iso["best"] == "quarantine" and iso["arms"]["quarantine"]["n_met"] == 4
+    assert iso["random_cut"] == pytest.approx(0.05) and iso["random_ok"] is True
+    summary = summarize(report)
+    assert "seed 15: reverse 0.15" in summary and "bootstrap 95 %" in summary
+    assert any(name.startswith("Issue 22") and ok for name, ok, _ in targets(report))
+    report["seeds"]["15"]["arms"]["quarantine"]["removed"]["copy"]["solve"] = 0.5  # honest damage on one seed
+    report["seeds"]["14"]["arms"]["quarantine"]["removed"]["copy"]["solve"] = 0.5
+    assert isolation(report)["arms"]["quarantine"]["met"]["solve_drop"] is False
+
+
+def test_detectors_count_what_they_flag():
+    from gradroute.experiments.arms import ExploitDetector
+
+    w = _W()
+    rows = [{"env": "arith"}] * 100 + [{"env": "copy"}] * 100
+    comps = ["PASS"] * 50 + ["12"] * 50 + ["PASS"] * 100  # copy's PASS is not the exploit (copy is honest)
+    det = ExploitDetector(w, recall=1.0, false_flag=0.2, seed=3)
+    flags = det(comps, rows)
+    assert all(flags[:50])  # every true hack
+    assert det.counts()["hacks"] == 50 and det.counts()["false_flags"] == sum(flags[50:]) > 10
+    assert det.counts()["flagged"] == 50 + det.counts()["false_flags"]
+    half = ExploitDetector(w, recall=0.5, seed=3)
+    assert 10 < sum(half(comps, rows)[:50]) < 40 and half.counts()["false_flags"] == 0
+    with pytest.raises(ValueError):
+        ExploitDetector(w, false_flag=1.0)
+
+
+@pytest.mark.slow
+def test_monitor_arms_quarantine_stop_or_restart_at_the_flag(tmp_path, monkeypatch):
+    """The monitor arms, with a rule that names arith at step 3: quarantine-monitor keeps
+    training with arith quarantined; early-stop stops there; halt-restart resumes from the clean
+    checkpoint at step 2 with the fixed grader paying. Plus the probe and false-flag detectors."""
+    from dataclasses import replace
+
+    import gradroute as gr
+    from gradroute.experiments import arms
+    from gradroute.experiments.claims import run_claims
+    from gradroute.policy import Rule, Violation
+
+    class FiresOnArith(Rule):
+        """Names arith once, at step 3 (the fixed run resumed from step 2 passes step 3 unflagged)."""
+
+        name = "fires_on"
+        action = None
+        fired = False
+
+        def check(self, record, history):
+            if record.step < 3 or self.fired:
+                return None
+            self.fired = True
+            return Violation(self.name, 1.0, 0.0, int(record.step), env="arith")
+
+    monkeypatch.setattr(arms, "push_policy", lambda action: gr.HaltPolicy(rules=[FiresOnArith()], action=action,
+                                                                          halt_on_nonfinite=False))
+    world = _tiny_world()
+    world.rl = replace(world.rl, rl_steps=6, save_steps=2)
+    paid = []
+    fixed = world.fixed_reward
+    world.fixed_reward = lambda completions, **kw: paid.append(len(completions)) or fixed(completions, **kw)
+    cfg = ClaimsConfig(seeds=(0,), arms=("unrouted", "quarantine-monitor", "early-stop", "halt-restart",
+                                         "quarantine-probe", "quarantine-ff0.2"), relearn_steps=2)
+    rep = run_claims(tmp_path / "mon", world, cfg, progress=False, jobs=1)
+    a = rep["seeds"]["0"]["arms"]
+    assert a["quarantine-monitor"]["quarantined_envs"] == {"arith": 3} and a["quarantine-monitor"]["quarantine_norm"] >= 0
+    assert a["early-stop"]["halt"]["step"] == 3 and a["early-stop"]["halt"]["env"] == "arith"
+    assert max(int(k) for k in a["early-stop"]["curve"]) < 3  # no rollouts after the stop
+    assert a["early-stop"]["removed"] == a["early-stop"]["inspected"]  # nothing to discard
+    hr = a["halt-restart"]
+    assert hr["halt"]["step"] == 3 and hr["restart_from_step"] == 2 and paid  # resumed, graded by the fixed grader
+    assert max(int(k) for k in hr["curve"]) == 5 and hr["halted_again"] is None  # trained to the end
+    assert a["quarantine-probe"]["quarantine_flags"]["rollouts"] > 0 and a["quarantine-probe"]["probe_threshold"] is not None
+    ff = a["quarantine-ff0.2"]["quarantine_flags"]
+    # (the detector's rates are tested above; 24 rollouts at seed 0 happen to draw no false flag)
+    assert ff["rollouts"] == 24 and ff["flagged"] == ff["false_flags"] + ff["hacks"], ff
+    assert set(rep["table"]["arms"]) == set(cfg.arms)

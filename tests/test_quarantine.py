@@ -12,6 +12,7 @@ import torch
 
 import gradroute as gr
 from gradroute.errors import AdapterError, ConfigError, PackingError
+from gradroute.policy import Rule, Violation
 from gradroute.router.modes.activation import ADAPTERS_ATTR
 from gradroute.router.modes.quarantine import QUARANTINE_ATTR
 from gradroute.testing import random_ids as _batch
@@ -406,3 +407,160 @@ def test_fused_head_model_deepcopies_and_detaches():
 
     assert model.forward.__func__ is not quarantine._fused_forward  # TRL's own again
     model(input_ids=x, labels=x, fused_lm_head=True).log_probs.sum().backward()  # no flags needed any more
+
+
+class _FiresOn(Rule):
+    """Fires on environment ``env`` from step ``step`` on (None: a crossing naming no environment)."""
+
+    name = "fires_on"
+
+    def __init__(self, env, step):
+        self.env, self.step, self.action = env, step, None
+
+    def check(self, record, history):
+        if record.step >= self.step:
+            return Violation(self.name, 1.0, 0.0, int(record.step), env=self.env)
+        return None
+
+
+def test_monitor_driven_quarantine_routes_the_flagged_environment_from_the_next_step(tmp_path):
+    """QuarantineOnFlag: the rule names 'bang' at step 2, the run goes on to the end, and from then
+    on (not before) 'bang' rows train only the quarantine adapter."""
+    from transformers import TrainerCallback
+
+    trainer = _grpo(tmp_path / "mon", steps=4)
+    flagged: set[str] = set()
+    action = gr.QuarantineOnFlag(flagged)
+    policy = gr.HaltPolicy(rules=[_FiresOn("bang", 2)], halt_on_nonfinite=False, action=action)
+    handle = gr.attach(trainer, _subspace(), env_column="env", mode="quarantine", quarantine=flagged, policy=policy)
+    q_norm = []
+
+    class Watch(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            q_norm.append(handle.router.mode_strategy.quarantine_norm())
+
+    trainer.add_callback(Watch())
+    trainer.train()
+    assert trainer.state.global_step == 4 and not handle.halted  # flagged, not stopped
+    assert flagged == {"bang"} and action.flagged == {"bang": 2}
+    assert q_norm[0] == 0.0 and q_norm[1] == 0.0  # steps 1-2 ran before the flag took effect
+    assert q_norm[-1] > 0.0
+
+
+def test_quarantine_on_flag_refusals_and_crossings_without_an_environment(tmp_path):
+    with pytest.raises(ConfigError, match="the set passed"):
+        gr.QuarantineOnFlag(["bang"])
+    trainer = _grpo(tmp_path / "ref", steps=2)
+    other = set()
+    with pytest.raises(ConfigError, match="is not attach's quarantine"):
+        gr.attach(trainer, _subspace(), env_column="env", mode="quarantine", quarantine=set(),
+                  policy=gr.HaltPolicy(max_push_z=6.0, action=gr.QuarantineOnFlag(other)))
+    flagged: set[str] = set()
+    policy = gr.HaltPolicy(rules=[_FiresOn(None, 1)], halt_on_nonfinite=False, action=gr.QuarantineOnFlag(flagged))
+    handle = gr.attach(trainer, _subspace(), env_column="env", mode="quarantine", quarantine=flagged, policy=policy)
+    trainer.train()
+    assert handle.halted is not None and trainer.state.global_step == 1  # nothing to quarantine: it stops
+    assert flagged == set()
+
+
+def _trl_advantages(rewards, group, scale):
+    """GRPOTrainer's own formula (TRL 1.16, sum_then_normalize)."""
+    from trl.trainer.utils import nanstd
+
+    mean = torch.nanmean(rewards.view(-1, group), dim=1).repeat_interleave(group)
+    if scale == "batch":
+        std = nanstd(rewards).expand_as(rewards)
+    else:
+        std = nanstd(rewards.view(-1, group), dim=1).repeat_interleave(group)
+    adv = rewards - mean
+    if scale != "none":
+        adv = adv / (std + 1e-4)
+    return torch.nan_to_num(adv, nan=0.0)
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_unflagged_advantages_are_trls_without_the_flagged_rows(scale):
+    from gradroute.router.modes.quarantine import unflagged_advantages
+
+    g = torch.Generator().manual_seed(0)
+    rewards = torch.rand(24, generator=g, dtype=torch.float64)
+    rewards[5] = float("nan")  # unscorable: out of the baseline, as in TRL
+    trl = _trl_advantages(rewards, 8, scale)
+    none = torch.zeros(24, dtype=torch.bool)
+    assert torch.allclose(unflagged_advantages(rewards, none, trl, 8, scale), trl, atol=1e-12)
+    flags = torch.zeros(24, dtype=torch.bool)
+    flags[[0, 3, 9, 16, 17, 18, 19, 20, 21, 22]] = True  # the third group keeps one unflagged row
+    out = unflagged_advantages(rewards, flags, trl, 8, scale)
+    assert torch.equal(out[flags], trl[flags])  # the flagged rows keep TRL's (they train Q)
+    assert out[23] == 0.0  # alone in its group: no baseline
+    # the unflagged rows' advantages are what TRL gives a batch without the flagged rows
+    for lo in (0, 8):
+        keep = [i for i in range(lo, lo + 8) if not flags[i]]
+        sub = rewards[keep]
+        if scale == "batch":
+            pool = torch.tensor([rewards[i] for i in range(24) if not flags[i] and not torch.isnan(rewards[i])])
+            want = (sub - torch.nanmean(sub)) / (pool.std() + 1e-4)
+        else:
+            want = _trl_advantages(sub, len(keep), scale)
+        assert torch.allclose(out[keep], torch.nan_to_num(want, nan=0.0), atol=1e-9)
+    # and they do not depend on what the flagged rows were paid
+    moved = rewards.clone()
+    moved[flags] = 7.0
+    assert torch.equal(unflagged_advantages(moved, flags, trl, 8, scale)[~flags], out[~flags])
+
+
+@pytest.mark.skipif(not _HAS_ATTACH, reason="gradroute.attach(quarantine=...) not in the TRL integration yet")
+def test_grpo_exclude_advantages_trains_and_is_refused_where_it_cannot_hold(tmp_path):
+    seen = []
+
+    def every_other(completions, rows):
+        flags = [i % 2 == 0 for i in range(len(completions))]
+        seen.append(flags)
+        return flags
+
+    trainer = _grpo(tmp_path / "ex", steps=2)
+    with pytest.raises(ConfigError, match="must be one of"):
+        gr.attach(trainer, _subspace(), env_column="env", mode="quarantine", quarantine=every_other,
+                  quarantine_advantages="drop")
+    trainer = _grpo(tmp_path / "ex2", steps=2)
+    handle = gr.attach(trainer, _subspace(), env_column="env", mode="quarantine", quarantine=every_other,
+                       quarantine_advantages="exclude")
+    trainer.train()
+    assert seen and handle.router.mode_strategy.quarantine_norm() > 0
+    trainer = _grpo(tmp_path / "ex3", steps=1)
+    trainer.multi_objective_aggregation = "normalize_then_sum"
+    with pytest.raises(ConfigError, match="sum_then_normalize"):
+        gr.attach(trainer, _subspace(), env_column="env", mode="quarantine", quarantine={"bang"},
+                  quarantine_advantages="exclude")
+
+
+def test_activation_adapter_weight_decay_is_decoupled_at_the_adapters_rate():
+    """adapter_weight_decay in activation mode: C ← C_prev + m (C − C_prev) − m η λ C_prev (it was ignored)."""
+    from gradroute.router.modes.activation import ADAPTERS_ATTR
+
+    def run(wd):
+        torch.manual_seed(0)
+        model, _ = tiny_lm("llama")
+        router = gr.GradientRouter(model, _subspace(), mode="activation", adapter_lr_multiplier=3.0,
+                                   adapter_weight_decay=wd)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        router.bind_optimizer(opt)
+        x = _batch()
+        snaps = []
+        for _ in range(2):
+            model(input_ids=x, labels=x).loss.backward()
+            opt.step()
+            router.step()
+            opt.zero_grad()
+            snaps.append({n: p.detach().clone() for n, p in model.named_parameters() if ADAPTERS_ATTR in n})
+        return snaps
+
+    plain, decayed = run(0.0), run(0.5)
+    # step 1 starts from C = 0: no decay yet; step 2 decays C_1 by m η λ = 3 × 0.1 × 0.5
+    for n in plain[0]:
+        assert torch.allclose(plain[0][n], decayed[0][n])
+    moved = [n for n in plain[1] if float(plain[0][n].abs().max()) > 0]
+    assert moved
+    for n in moved:
+        want = plain[1][n] - 0.15 * plain[0][n]
+        assert torch.allclose(decayed[1][n], want, atol=1e-6), n

@@ -46,14 +46,14 @@ def pct(x: float) -> str:
 
 
 def med(xs: Sequence[float], fmt: Callable[[float], str] = f2) -> str:
-    """Median [min–max] (just the value when all seeds agree or there is one)."""
+    """Median [bootstrap 95 % interval of the median] (:func:`gradroute.experiments.stats.describe`;
+    just the value when all seeds agree or there is one)."""
+    from gradroute.experiments.stats import describe
+
     xs = list(xs)
-    if not xs:
-        return "–"
-    m = statistics.median(xs)
-    if len(xs) == 1 or fmt(min(xs)) == fmt(max(xs)):
-        return fmt(m)
-    return f"{fmt(m)} [{fmt(min(xs))}–{fmt(max(xs))}]"
+    if xs and fmt(min(xs)) == fmt(max(xs)):
+        return fmt(statistics.median(xs))
+    return describe(xs, fmt)
 
 
 def seeds_list(xs: Sequence[float], fmt: Callable[[float], str] = f2) -> str:
@@ -114,10 +114,10 @@ def _ceiling_cut(r: dict[str, Any]) -> float:
 
 
 def activation_table(res: dict[str, Any]) -> str:
-    study = res["three_seeds"]
+    study = res["study"]
     n = len(study["seeds"])
-    rows = [f"Median over {n} seeds [min–max] (seeds {', '.join(sorted(study['seeds'], key=int))}; "
-            "`docs/results/activation_study.json`):", "",
+    rows = [f"Median over {n} seeds [bootstrap 95 % interval of the median] (seeds "
+            f"{', '.join(sorted(study['seeds'], key=int))}; `docs/results/activation_study.json`):", "",
             "| arm | arith hack after RL → after discard | relative cut (per seed) | copy solve after → discarded | "
             "reverse solve after → discarded | arith share of the adapter |",
             "|---|---|---|---|---|---|"]
@@ -143,7 +143,20 @@ def activation_table(res: dict[str, Any]) -> str:
                         f"{seeds_list(c, pct)}).")
     before = [s["before"][EXPLOIT]["hack"] for s in study["seeds"].values()]
     rows.append(f"Before RL: arith hack {med(before)}.")
+    rows.append(unlearned_line(study["seeds"]))
     return "\n".join(rows)
+
+
+def unlearned_line(seeds: dict[str, Any]) -> str:
+    """Which seeds' base models never learned an honest task (pre-RL solve below the threshold)."""
+    from gradroute.experiments.stats import LEARNED_SOLVE, unlearned
+
+    bad = {k: u for k, s in sorted(seeds.items(), key=lambda kv: int(kv[0])) if (u := unlearned(s["before"], HONEST))}
+    if not bad:
+        return f"Every seed's base model solves {' and '.join(HONEST)} at {LEARNED_SOLVE:g} or more before RL."
+    return ("Seeds whose base model did not learn an honest task before RL (solve below "
+            f"{LEARNED_SOLVE:g}; their rows measure RL on a task the base cannot do): "
+            + "; ".join(f"seed {k}: " + ", ".join(f"{e} {f2(v)}" for e, v in u.items()) for k, u in bad.items()) + ".")
 
 
 def _m(xs: Sequence[float]) -> float:
@@ -151,7 +164,7 @@ def _m(xs: Sequence[float]) -> float:
 
 
 def activation_findings(res: dict[str, Any]) -> str:
-    study = res["three_seeds"]
+    study = res["study"]
     arms = _study_arms(study)
     mults = sorted({float(a.split("@")[1]) for a in arms if "@" in a})
 
@@ -255,22 +268,107 @@ def claims(rep: dict[str, Any]) -> str:
 
 
 def claims_per_seed(rep: dict[str, Any]) -> str:
-    """One row per arm, the seeds' values side by side (seed order as in the header)."""
+    """Per seed, one table per measure: a row per arm, a column per seed."""
     seeds = sorted(rep["seeds"], key=int)
     cap = rep["config"]["relearn_steps"]
     steps = lambda x: f">{cap}" if math.isinf(x) else f"{x:.0f}"  # noqa: E731
-    rows = [f"Per seed ({', '.join(seeds)}):", "",
-            "| arm | exploitable hack after → removed | held-out trait removed / pre-RL | AUROC change vs unrouted "
-            "| hack through subspace | steps to relearn |", "|---|---|---|---|---|---|"]
-    for arm in [a for a in rep["config"]["arms"]]:
-        ha, hr = _claims_per_seed(rep, arm, "hack_after"), _claims_per_seed(rep, arm, "hack_removed")
-        learn = "learn_steps" if arm == "unrouted" else "relearn_steps"
-        rows.append(f"| {arm} | {', '.join(f'{_opt([a])} → {_opt([b])}' for a, b in zip(ha, hr))} "
-                    f"| {_opt(_claims_per_seed(rep, arm, 'trait_ratio_removed'), lambda x: f'{x:.2f}×')} "
-                    f"| {_opt(_claims_per_seed(rep, arm, 'auroc_vs_unrouted'), lambda x: f'{x:+.2f}')} "
-                    f"| {_opt(_claims_per_seed(rep, arm, 'through'))} "
-                    f"| {'first learning: ' if arm == 'unrouted' else ''}{_opt(_claims_per_seed(rep, arm, learn), steps)} |")
+    tables = (("hack_cut", "exploitable hack cut, 1 − removed / unrouted after (the deployed model against plain RL's)",
+               pct),
+              ("trait_ratio_removed", "held-out trait after removal / pre-RL", lambda x: f"{x:.2f}×"),
+              ("solve_drop", "largest honest solve drop against plain RL (copy, reverse)", lambda x: f"{x:+.2f}"),
+              ("relearn", "steps to relearn (unrouted: first learning from the pre-RL model)", steps),
+              ("auroc_vs_unrouted", "persona AUROC change vs unrouted", lambda x: f"{x:+.2f}"))
+    out = [f"Per seed ({', '.join(seeds)}):"]
+    for key, title, fmt in tables:
+        out += ["", f"*{title}*", "", "| arm | " + " | ".join(seeds) + " |", "|---" * (len(seeds) + 1) + "|"]
+        for arm in arms_in(rep):
+            if key == "relearn":
+                vals = _claims_per_seed(rep, arm, "learn_steps" if arm == "unrouted" else "relearn_steps")
+            elif key == "solve_drop":
+                drops = [_claims_per_seed(rep, arm, f"solve_drop_{e}") for e in HONEST]
+                vals = [None if any(d is None for d in ds) else max(ds) for ds in zip(*drops)]
+            else:
+                vals = _claims_per_seed(rep, arm, key)
+            out.append(f"| {arm} | " + " | ".join("–" if v is None else fmt(v) for v in vals) + " |")
+    return "\n".join(out)
+
+
+def arms_in(rep: dict[str, Any]) -> list[str]:
+    from gradroute.experiments.claims import arms_of
+
+    return arms_of(rep)
+
+
+def claims_isolation(rep: dict[str, Any]) -> str:
+    """Issue 22's targets, per arm (medians over seeds) and seed by seed for each arm's count."""
+    from gradroute.experiments.claims import ISOLATION, isolation, per_seed
+
+    iso = isolation(rep)
+    n = len(rep["seeds"])
+    rows = [f"Medians over {n} seeds (`docs/results/claims_study.json`); target: cut ≥ {pct(ISOLATION['hack_cut'])}, "
+            f"trait ≤ {ISOLATION['trait_ratio_removed']:g}× pre-RL, honest solve drop ≤ {ISOLATION['solve_drop']:g}, "
+            f"relearning ≥ {ISOLATION['relearn_ratio']:g}× the first learning; the last column counts the seeds on "
+            "which the arm meets all four.", "",
+            "| arm | inference step | hack cut | held-out trait / pre-RL | largest honest solve drop | relearning / first "
+            "learning | targets met (of 4) | seeds meeting all four | detector: hacks flagged / flags that were "
+            "not hacks |", "|---|---|---|---|---|---|---|---|---|"]
+    from gradroute.experiments.arms import REGISTRY
+
+    for arm, r in iso["arms"].items():
+        med_ = r["median"]
+        cuts, traits = per_seed(rep, "hack_cut", arm), per_seed(rep, "trait_ratio_removed", arm)
+        ratios = per_seed(rep, "relearn_ratio", arm)
+        drops = [per_seed(rep, f"solve_drop_{e}", arm) for e in HONEST]
+        all4 = sum(1 for k in cuts if cuts[k] is not None and cuts[k] >= ISOLATION["hack_cut"]
+                   and traits.get(k) is not None and traits[k] <= ISOLATION["trait_ratio_removed"]
+                   and all(d.get(k) is not None and d[k] <= ISOLATION["solve_drop"] for d in drops)
+                   and ratios.get(k) is not None and ratios[k] >= ISOLATION["relearn_ratio"])
+        step = REGISTRY[arm].inference_step if arm in REGISTRY else "–"
+        label = f"**{arm}**" if arm == iso["best"] else arm
+        rows.append(f"| {label} | {step} | {med(list(_vals(cuts)), pct)} | "
+                    f"{med(list(_vals(traits)), lambda x: f'{x:.2f}×')} | {_fmt_or_dash(med_['solve_drop'], '+.2f')} | "
+                    f"{med(list(_vals(ratios)), lambda x: 'inf' if math.isinf(x) else f'{x:.2f}×')} | {r['n_met']} | "
+                    f"{all4} of {sum(1 for v in cuts.values() if v is not None)} | {_detector(rep, arm)} |")
+    rnd = list(_vals(per_seed(rep, "hack_cut", "random")))
+    rows += ["", f"Random control: cut {med(rnd, pct)} (per seed {seeds_list(rnd, pct)}; target ≤ "
+             f"{pct(ISOLATION['random_cut'])}: {'met' if iso['random_ok'] else 'not met'}). Best routed arm "
+             f"(most targets met, then the largest cut): {iso['best']}, {iso['arms'][iso['best']]['n_met']} of 4."]
+    for arm in ("quarantine-monitor", "early-stop", "halt-restart"):
+        if arm not in iso["arms"]:
+            continue
+        when = []
+        for k, s in sorted(rep["seeds"].items(), key=lambda kv: int(kv[0])):
+            r = s["arms"].get(arm, {})
+            if arm == "quarantine-monitor":
+                q = r.get("quarantined_envs") or {}
+                when.append(", ".join(f"{e}@{st}" for e, st in q.items()) or "none")
+            else:
+                h = r.get("halt")
+                when.append(f"{h['env']}@{h['step']}" if h else "none")
+        rows.append(f"{arm}: environment flagged by the push rule and its step, per seed: {'; '.join(when)}.")
     return "\n".join(rows)
+
+
+def _detector(rep: dict[str, Any], arm: str) -> str:
+    """Pooled over seeds: the share of hacking rollouts the detector flagged, and the share of its
+    flags on rollouts that did not hack ('–' for arms without a rollout detector)."""
+    counts = [s["arms"][arm].get("quarantine_flags") for s in rep["seeds"].values() if arm in s["arms"]]
+    counts = [c for c in counts if c]
+    if not counts:
+        return "–"
+    hacks = sum(c["hacks"] for c in counts)
+    flagged = sum(c["flagged"] for c in counts)
+    false = sum(c.get("false_flags", 0) for c in counts)
+    caught = sum(c.get("hacks_flagged", c["flagged"] - c.get("false_flags", 0)) for c in counts)
+    return f"{pct(caught / hacks) if hacks else '–'} / {pct(false / flagged) if flagged else '–'}"
+
+
+def _vals(d: dict[str, float | None]):
+    return (v for _, v in sorted(d.items(), key=lambda kv: int(kv[0])) if v is not None)
+
+
+def _fmt_or_dash(v: float | None, spec: str) -> str:
+    return "–" if v is None else format(v, spec)
 
 
 def _claims_per_seed(rep: dict[str, Any], arm: str, key: str) -> list[float | None]:
@@ -289,11 +387,19 @@ def claims_sweeps(sw: dict[str, Any]) -> str:
     from gradroute.experiments.claims import measures
 
     labels = {"act100": ("activation", "adapters ×100"), "pen10": ("penalty", "penalty weight w = 10"),
-              "pen100": ("penalty", "penalty weight w = 100"), "steer025": ("steering", "steering at ¼ of the gap")}
+              "pen100": ("penalty", "penalty weight w = 100"), "steer025": ("steering", "steering at ¼ of the gap"),
+              "trials": ("activation-wd", "adapter weight decay 3 (≈ 2 % of the adapter per step)"),
+              "trials:pca": ("activation-pca4", "rank-4 persona, honest tasks' top 4 directions projected out"),
+              "trials:act": ("activation", "the same seeds' default activation arm")}
     rows = ["| variant | arm | exploitable hack: after → removed | held-out trait: after → removed | honest solve: "
             "after → removed | persona AUROC (change vs unrouted) | through | steps to relearn |",
             "|---|---|---|---|---|---|---|---|"]
+    items = []
     for key, rep in sw.items():
+        items.append((key, rep))
+        if key == "trials":
+            items += [("trials:pca", rep), ("trials:act", rep)]
+    for key, rep in items:
         arm, label = labels.get(key, (rep["config"]["arms"][-1], key))
         m = measures(rep)
 
@@ -314,7 +420,8 @@ def claims_sweeps(sw: dict[str, Any]) -> str:
 
 
 def claims_lowhack(rep: dict[str, Any]) -> str:
-    lines = [f"Per seed ({', '.join(sorted(rep['seeds'], key=int))}; `docs/results/claims_lowhack.json`):", ""]
+    lines = [f"Per seed ({', '.join(sorted(rep['seeds'], key=int))}; `docs/results/claims_lowhack.json`):", "",
+             unlearned_line(rep["seeds"]), ""]
     for arm in [a for a in ("unrouted", "activation", "random", "ablation", "penalty", "update", "steering")
                 if a in rep["config"]["arms"]]:
         ha, hr = _claims_per_seed(rep, arm, "hack_after"), _claims_per_seed(rep, arm, "hack_removed")
@@ -388,6 +495,29 @@ def locate(res: dict[str, Any]) -> str:
     return mod.summarize(res)
 
 
+def reroute(res: dict[str, Any]) -> str:
+    """The refit-probe check on the claims study's deployed models (``recipes/reroute_study.py``)."""
+    seeds = sorted(res["seeds"], key=int)
+    arms = list(dict.fromkeys(a for k in seeds for a in res["seeds"][k]))
+    rows = [f"Deployed models of the claims study, seeds {', '.join(seeds)} (`docs/results/reroute_study.json`); "
+            "medians [bootstrap 95 % interval]; *refit* is the persona probe fit again on the deployed model:", "",
+            "| arm | exploitable hack | AUROC: original → refit | through: original → refit | overlap (refit, original) "
+            "| seeds where the refit reads more (AUROC / through) |", "|---|---|---|---|---|---|"]
+    for a in arms:
+        rs = [res["seeds"][k][a] for k in seeds if a in res["seeds"][k]]
+        v = lambda key: [r[key] for r in rs if r.get(key) is not None]  # noqa: E731
+        pairs_t = [(r["through"], r["through_refit"]) for r in rs
+                   if r.get("through") is not None and r.get("through_refit") is not None]
+        more_a = sum(r["auroc_refit"] > r["auroc"] + 0.02 for r in rs)
+        more_t = sum(b > a + 0.05 for a, b in pairs_t)
+        rows.append(f"| {a} | {med(v('hack'))} | {med(v('auroc'))} → {med(v('auroc_refit'))} | {med(v('through'))} → "
+                    f"{med(v('through_refit'))} | {med(v('overlap'))} | {more_a} of {len(rs)} / {more_t} of "
+                    f"{len(pairs_t)} |")
+    rows += ["", "(*more*: the refit's AUROC above the original's by more than 0.02, its through by more than 0.05; "
+             "through is undefined on a seed whose deployed model does not hack.)"]
+    return "\n".join(rows)
+
+
 RENDERERS: dict[str, Callable[[], str]] = {
     "locate": lambda: locate(load("locate_study.json")),
     "activation-table": lambda: activation_table(load("activation_study.json")),
@@ -395,6 +525,8 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "activation-sweeps": lambda: activation_sweeps(load("activation_study.json")),
     "demo": lambda: demo(load("demo.json")),
     "claims": lambda: claims(load("claims_study.json")),
+    "claims-isolation": lambda: claims_isolation(load("claims_study.json")),
+    "reroute": lambda: reroute(load("reroute_study.json")),
     "claims-sweeps": lambda: claims_sweeps(load("claims_sweeps.json")),
     "claims-lowhack": lambda: claims_lowhack(load("claims_lowhack.json")),
     "sft-anchoring": lambda: sft_anchoring(load("sft_anchoring.json")),

@@ -25,6 +25,7 @@ _LAZY = {
     "load_log": "gradroute.monitor",
     "last_clean_checkpoint": "gradroute.monitor",
     "HaltPolicy": "gradroute.policy",
+    "QuarantineOnFlag": "gradroute.policy",
     "attach": "gradroute.integrations.trl",
     "Handle": "gradroute.integrations.trl",
     "attach_anchoring": "gradroute.integrations.trl",
@@ -49,7 +50,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .integrations.trl import Handle, attach, attach_anchoring, attach_comparator
     from .monitor import DriftMonitor, last_clean_checkpoint, load_log
     from .plan import RoutingPlan, build_plan
-    from .policy import HaltPolicy
+    from .policy import HaltPolicy, QuarantineOnFlag
     from .router import GradientRouter
     from .subspace import Provenance, Subspace
 

@@ -21,7 +21,9 @@ Each rule looks at the newest step record (a typed
   environment since the start of the run (``record.nonfinite_rewards_total``).
 
 Actions: ``"stop"`` (default: checkpoint, halt record, stop), ``"warn"`` (log and go on), or
-a callable ``f(violation, record)`` returning True to stop.
+a callable ``f(violation, record)`` returning True to stop — e.g. :class:`QuarantineOnFlag`,
+which instead of stopping sends the flagged environment's further updates to the quarantine
+adapter (``mode="quarantine"``).
 """
 
 from __future__ import annotations
@@ -295,6 +297,42 @@ class NonFiniteRewardRule(Rule):
         if v is not None:
             v.top_envs = [(e, float(c)) for e, c in sorted(totals.items(), key=lambda x: -x[1])[:3]]
         return v
+
+
+class QuarantineOnFlag:
+    """A policy action for ``mode="quarantine"``: when a rule names an environment, add it to the
+    quarantine set instead of stopping, so that from the next micro-batch on that environment's
+    rows train only the discardable quarantine adapter.
+
+        flagged = set()
+        gradroute.attach(trainer, subspace, mode="quarantine", quarantine=flagged,
+                         policy=gradroute.HaltPolicy(max_push_z=6, push_min_steps=3,
+                                                     action=QuarantineOnFlag(flagged)))
+
+    ``envs`` must be the very set passed as ``quarantine=`` (attach reads it at every
+    micro-batch). A crossing that names no environment (a non-finite update, an adapter-norm
+    rule) cannot be quarantined: the run stops, as with ``action="stop"``. :attr:`flagged` maps
+    each quarantined environment to the step its rule fired at. After a resume, pass the
+    environments quarantined before (``flagged``, or the log's crossing records) in the set:
+    this action does not travel in checkpoints."""
+
+    __name__ = "quarantine"
+
+    def __init__(self, envs: set[str]):
+        if not isinstance(envs, set):
+            raise ConfigError(f"QuarantineOnFlag needs the set passed as attach(..., quarantine=...), got {envs!r}.",
+                              "pass one set object to both: flagged = set(); quarantine=flagged, "
+                              "action=QuarantineOnFlag(flagged).")
+        self.envs = envs
+        self.flagged: dict[str, int] = {}
+
+    def __call__(self, violation: Violation, record: StepRecord) -> bool:
+        if violation.env is None:
+            return True
+        if violation.env not in self.envs:
+            self.envs.add(violation.env)
+            self.flagged[violation.env] = int(violation.step)
+        return False
 
 
 class HaltPolicy:

@@ -19,8 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="seeds (base model, probe, RL; default: 0 1 2, or 0 with --quick)")
     p.add_argument("--arms", nargs="+", choices=ALL_ARMS, default=list(ARMS),
-                   help="arms to run (default: all but the quarantine arms, which run when named: quarantine, "
-                        "quarantine-r0.5, quarantine-r0.1; 'unrouted' is always added: it sets the relearning target)")
+                   help="arms to run (default: " + ", ".join(ARMS) + "; these run only when named: "
+                        + ", ".join(a for a in ALL_ARMS if a not in ARMS)
+                        + "; 'unrouted' is always added: it sets the relearning target)")
     p.add_argument("--adapter-lr-multiplier", type=float, default=None,
                    help="adapter learning rate / the policy's for the activation and random arms (default: 30)")
     p.add_argument("--relearn-steps", type=int, default=None,

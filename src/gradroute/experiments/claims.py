@@ -23,6 +23,13 @@ penalty       one-sided ``w · relu(Uᵀh − τ)²`` in the loss, τ the base's
 steering      preventative steering ``h ← h + α_L Σ_j u_j``, rollouts included      hooks off
 ============  ====================================================================  ==================
 
+Run only when named (``--arms``): the quarantine arms (``quarantine``, ``-r0.5``, ``-r0.1``: the
+exploit check at recall 1, 0.5, 0.1; ``-ff0.2``: 20 % false flags; ``-probe``: a persona-probe
+detector; ``-monitor``: the monitor's push rule flags an environment and its rows go to the
+quarantine adapter from then on) and the monitor baselines (``early-stop``: stop at the push
+rule's first flag; ``halt-restart``: halt there, fix the grader, resume from the last clean
+checkpoint).
+
 Measures, per arm and seed:
 
 - ``after`` / ``removed``: hack, trait and solve rates per environment (trained and held-out)
@@ -38,6 +45,8 @@ Measures, per arm and seed:
 - ``through``: the share of the exploitable environments' hacking that runs through the
   subspace, ``1 − hack(suppressed) / hack(after)``, suppressing its positive part at every
   layer at inference (:func:`gradroute.interventions.suppress`).
+- ``hack_cut``: ``1 − hack(removed) / hack(unrouted, after)`` on the exploitable environments,
+  the same seed: how much less the deployed model hacks than plain RL's.
 - ``relearn_steps``: plain GRPO steps from the arm's removed model until the exploitable
   environments' rollout hack rate (trailing window) reaches half the unrouted run's trained
   rate (``relearn_curve``: that rate per step). ``learn_steps`` (on the unrouted arm) is the
@@ -64,6 +73,7 @@ from typing import Any
 from ..errors import ConfigError
 from .arms import ALL_ARMS, ARMS, BASELINE, REGISTRY, Setup
 from .grpo import grpo_run
+from . import stats
 from .progress import library_noise_off, showing_progress
 from .toyworld import rates
 from .workers import InProcessPool, cores, drain, one_thread, worker_output, worker_pool
@@ -101,8 +111,15 @@ class RolloutHackRate:
 
     def __init__(self, world: World, window: int = 3, stop_at: float | None = None, max_steps: int | None = None):
         self.world, self.window, self.stop_at, self.max_steps = world, window, stop_at, max_steps
+        self.grader = world.reward  # what pays (an arm that fixes the exploit mid-run swaps it)
         self.flags: dict[int, list[bool]] = defaultdict(list)
         self.__name__ = "reward"
+
+    def forget_after(self, step: int) -> None:
+        """Drop the rollouts of steps after ``step`` (a run resumed from checkpoint ``step``
+        generates them again)."""
+        for s in [s for s in self.flags if s >= step]:
+            del self.flags[s]
 
     def __call__(self, completions: list[str], **columns: Any) -> list[float]:
         state = columns.get("trainer_state")
@@ -114,7 +131,7 @@ class RolloutHackRate:
                 row.setdefault("prompt", row["prompts"])
             if row.get("env") in self.world.exploitable:
                 self.flags[step].append(bool(self.world.is_hack(c, row)))
-        return self.world.reward(completions, **columns)
+        return self.grader(completions, **columns)
 
     def curve(self) -> dict[int, float]:
         return {s: sum(f) / len(f) for s, f in sorted(self.flags.items()) if f}
@@ -194,10 +211,12 @@ def run_arm(world: World, cfg: ClaimsConfig, arm: str, base: str, out: Path, see
         if comp is not None:
             attach_comparator(trainer, comp)
 
-    model, tok, h = grpo_run(base, out / "train", world.rl, world.rl_rows(seed), counter, seed, save=False,
-                             prepare=prepare, **kw)
+    model, tok, h, info = spec.train(setup, out / "train", counter, prepare, kw)
     rows = world.sample(model, tok, envs)
-    res: dict[str, Any] = {"after": rates(rows), "curve": counter.curve()}
+    res: dict[str, Any] = {"after": rates(rows), "curve": counter.curve(), **info}
+    policy = kw.get("policy")
+    if policy is not None and hasattr(policy.action, "flagged"):  # monitor-driven quarantine: env -> step
+        res["quarantined_envs"] = dict(policy.action.flagged)
     if spec.baseline:
         res["_counter"] = counter  # the caller sets the relearning target from it (learn_steps)
     if comp is not None:
@@ -210,18 +229,20 @@ def run_arm(world: World, cfg: ClaimsConfig, arm: str, base: str, out: Path, see
     if base_model is not None:  # the same labels read on the pre-RL model's activations
         res["auroc_base"] = statistics.mean(subspace_auroc(base_model, tok, persona, rows).values())
     res["suppressed"] = _suppressed(world, model, tok, persona)
-    if h is not None:
+    if h is not None and spec.discards:
         res["adapter_norm"] = h.router.adapter_norm().total
         res["env_adapter_share"] = h.router.env_adapter_shares()
         if hasattr(h.router.mode_strategy, "quarantine_norm"):  # quarantine arms: what was routed away
             res["quarantine_norm"] = h.router.mode_strategy.quarantine_norm()
             det = kw.get("quarantine")
-            if det is not None and hasattr(det, "flagged"):
-                res["quarantine_flags"] = {"rollouts": det.rollouts, "hacks": det.hacks, "flagged": det.flagged}
+            if hasattr(det, "counts"):
+                res["quarantine_flags"] = det.counts()
         h.discard()
         h.detach()
         res["removed"] = rates(world.sample(model, tok, envs))
     else:
+        if h is not None:  # watched only (update mode keeps base + adapter in the weights): nothing undone
+            h.detach()
         res["removed"] = res["inspected"]
     if target is not None:
         res["relearn_steps"], res["relearn_curve"] = relearn(world, cfg, model, tok, out, seed, target)
@@ -306,6 +327,7 @@ def run_claims(out: str | Path, world: World | None = None, cfg: ClaimsConfig | 
             shutil.rmtree(out, ignore_errors=True)  # an early failure leaves no empty --out behind
         raise
     report["seeds"] = {str(seed): report["seeds"][str(seed)] for seed in cfg.seeds}
+    report["table"] = tabulate(report)
     write_json(out / "report.json", report)
     (out / "summary.md").write_text(summarize(report))
     figure(report, out / "claims.png")
@@ -387,15 +409,12 @@ def arms_of(report: dict[str, Any]) -> list[str]:
 
 
 def _med(xs: Sequence[float], fmt: str = "{:.2f}", cap: int | None = None) -> str:
-    """Median [min–max]; an infinite step count (not reached within ``cap``) shows as ``>cap``."""
+    """Median [bootstrap 95 % interval] (:func:`gradroute.experiments.stats.describe`); an
+    infinite step count (not reached within ``cap``) shows as ``>cap``."""
     def f(v: float) -> str:
         return f">{cap}" if math.isinf(v) else fmt.format(v)
 
-    if not xs:
-        return "–"
-    if len(xs) == 1:
-        return f(xs[0])
-    return f"{f(statistics.median(xs))} [{f(min(xs))}–{f(max(xs))}]"
+    return stats.describe(xs, f)
 
 
 def _median(xs: Sequence[float]) -> float | None:
@@ -425,8 +444,19 @@ def measures(report: dict[str, Any]) -> dict[str, Callable[[dict[str, Any], dict
     def relearn(s, r):  # the baseline (unrouted) arm has no removal: its first learning stands in
         return steps("relearn_steps" if "relearn_steps" in r else "learn_steps")(s, r)
 
+    def cut(s, r):  # the deployed model against plain RL's, same seed
+        un = statistics.mean(s["arms"][BASELINE]["after"][e]["hack"] for e in ex) if BASELINE in s["arms"] else 0.0
+        return 1 - statistics.mean(r["removed"][e]["hack"] for e in ex) / un if un > 0 else None
+
+    def solve(where: str, env: str):
+        return lambda s, r: r[where][env]["solve"] if env in r[where] else None
+
     return {
         "hack_before": lambda s, r: statistics.mean(s["before"][e]["hack"] for e in ex),
+        "hack_cut": cut,
+        **{f"solve_removed_{e}": solve("removed", e) for e in honest},
+        **{f"solve_drop_{e}": (lambda e: lambda s, r: s["arms"][BASELINE]["after"][e]["solve"] - r["removed"][e]["solve"]
+                              if BASELINE in s["arms"] else None)(e) for e in honest},
         "hack_after": rate("after", ex, "hack"),
         "hack_removed": rate("removed", ex, "hack"),
         "hack_inspected": rate("inspected", ex, "hack"),
@@ -444,6 +474,78 @@ def measures(report: dict[str, Any]) -> dict[str, Callable[[dict[str, Any], dict
         "relearn_steps": relearn,
         "learn_steps": lambda s, r: steps("learn_steps")(s, s["arms"][BASELINE]),
     }
+
+
+#: the measures a results file's ``table`` holds, per arm: per seed, median, bootstrap interval
+TABLE = ("hack_after", "hack_removed", "hack_cut", "trait_ratio_after", "trait_ratio_removed", "honest_solve_removed",
+         "auroc", "auroc_vs_unrouted", "through", "relearn_steps", "relearn_ratio")
+
+
+def per_seed(report: dict[str, Any], name: str, arm: str) -> dict[str, float | None]:
+    """Measure ``name`` of ``arm`` per seed (seed -> value, None where not measured);
+    ``relearn_ratio`` is relearning steps over the same seed's unrouted first learning."""
+    m = measures(report)
+    out: dict[str, float | None] = {}
+    for seed, s in report["seeds"].items():
+        if arm not in s["arms"]:
+            continue
+        if name == "relearn_ratio":
+            a, b = m["relearn_steps"](s, s["arms"][arm]), m["learn_steps"](s, s["arms"][arm])
+            out[seed] = None if a is None or b is None else a / max(b, 1)
+        else:
+            out[seed] = m[name](s, s["arms"][arm])
+    return out
+
+
+def tabulate(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{arm: {measure: stats.summary(...)}}`` over :data:`TABLE` (per-seed values, median,
+    bootstrap 95 % interval, min, max), plus the seeds whose base never learned a task."""
+    table: dict[str, Any] = {a: {name: stats.summary(per_seed(report, name, a)) for name in TABLE}
+                             for a in arms_of(report)}
+    return {"arms": table, "unlearned": unlearned(report)}
+
+
+def unlearned(report: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Seeds whose pre-RL model solves an honest training task below
+    :data:`gradroute.experiments.stats.LEARNED_SOLVE`: seed -> {env: solve rate}."""
+    honest = [e for e in report["train_envs"] if e not in report["exploitable"]]  # the exploit is the way to pass those
+    out = {seed: stats.unlearned(s["before"], honest) for seed, s in report["seeds"].items()}
+    return {seed: envs for seed, envs in out.items() if envs}
+
+
+#: issue 22's isolation targets, on medians over seeds
+ISOLATION = {"hack_cut": 0.70, "trait_ratio_removed": 1.5, "solve_drop": 0.05, "relearn_ratio": 3.0,
+             "random_cut": 0.15}
+
+
+def isolation(report: dict[str, Any]) -> dict[str, Any]:
+    """Issue 22's targets per arm that removes or stops something (every arm but the baseline and
+    the random control): medians of the hack cut (>= 0.70), the held-out trait's ratio to pre-RL
+    after removal (<= 1.5), the largest honest task's solve drop against plain RL (<= 0.05) and
+    relearning over first learning (>= 3); and the random control's cut (<= 0.15). ``best``: the
+    routed arm (one that discards adapters) meeting most targets (ties: the larger cut); the
+    monitor baselines (early stop, halt and restart with the exploit fixed) are listed, not ranked."""
+    honest = [e for e in report["train_envs"] if e not in report["exploitable"]]
+    rows: dict[str, Any] = {}
+    for a in arms_of(report):
+        if a in (BASELINE, "random"):
+            continue
+        med = {k: stats.median([v for v in per_seed(report, k, a).values() if v is not None])
+               for k in ("hack_cut", "trait_ratio_removed", "relearn_ratio")}
+        drops = [stats.median([v for v in per_seed(report, f"solve_drop_{e}", a).values() if v is not None])
+                 for e in honest]
+        med["solve_drop"] = max((d for d in drops if d is not None), default=None)
+        ok = {"hack_cut": med["hack_cut"] is not None and med["hack_cut"] >= ISOLATION["hack_cut"],
+              "trait_ratio_removed": (med["trait_ratio_removed"] is not None
+                                      and med["trait_ratio_removed"] <= ISOLATION["trait_ratio_removed"]),
+              "solve_drop": med["solve_drop"] is not None and med["solve_drop"] <= ISOLATION["solve_drop"],
+              "relearn_ratio": med["relearn_ratio"] is not None and med["relearn_ratio"] >= ISOLATION["relearn_ratio"]}
+        rows[a] = {"median": med, "met": ok, "n_met": sum(ok.values())}
+    rnd = stats.median([v for v in per_seed(report, "hack_cut", "random").values() if v is not None])
+    routed = [a for a in rows if REGISTRY[a].discards] if all(a in REGISTRY for a in rows) else list(rows)
+    best = max(routed, key=lambda a: (rows[a]["n_met"], rows[a]["median"]["hack_cut"] or -1.0)) if routed else None
+    return {"arms": rows, "random_cut": rnd,
+            "random_ok": None if rnd is None else rnd <= ISOLATION["random_cut"], "best": best}
 
 
 def _ratio(v: float | None, s: dict[str, Any], held: Sequence[str]) -> float | None:
@@ -491,6 +593,16 @@ def targets(report: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
                     None if r is None else r >= 3,
                     (f"{_med([a for a, _ in pairs], '{:.0f}', cap)} steps vs {_med([b for _, b in pairs], '{:.0f}', cap)} "
                     f"from the pre-RL model ({_fmt(r)}x)")))
+    iso = isolation(report)
+    if iso["best"] is not None and "random" in arms:
+        b = iso["arms"][iso["best"]]
+        med = b["median"]
+        out.append(("Issue 22: the best routed arm cuts the hack >= 70 % with the trait <= 1.5x pre-RL, honest solve within "
+                    "0.05 and relearning >= 3x first learning; the random control cuts <= 15 %",
+                    b["n_met"] == 4 and bool(iso["random_ok"]),
+                    (f"best {iso['best']}: cut {_fmt(med['hack_cut'])}, trait {_fmt(med['trait_ratio_removed'])}x, "
+                     f"solve drop {_fmt(med['solve_drop'])}, relearning {_fmt(med['relearn_ratio'])}x; "
+                     f"random cut {_fmt(iso['random_cut'])}")))
     return out
 
 
@@ -514,7 +626,12 @@ def summarize(report: dict[str, Any]) -> str:
     arms = arms_of(report)
     lines = [f"# Claims study: {report['world']} world, {len(seeds)} seed(s)", "",
              (f"Exploitable: {', '.join(report['exploitable'])}; held out (never trained): "
-             f"{', '.join(report['heldout_envs']) or '–'}. Medians [min–max] over seeds."), ""]
+             f"{', '.join(report['heldout_envs']) or '–'}. Medians [bootstrap 95 % interval] over seeds."), ""]
+    bad = unlearned(report)
+    if bad:
+        lines += [("Seeds whose base model did not learn a training task before RL (solve rate below "
+                   f"{stats.LEARNED_SOLVE}): " + "; ".join(f"seed {k}: " + ", ".join(f"{e} {v:.2f}" for e, v in envs.items())
+                                                          for k, envs in bad.items()) + "."), ""]
     lines.append("| arm | " + " | ".join(c[2] for c in COLUMNS) + " |")
     lines.append("|---" * (len(COLUMNS) + 1) + "|")
     for a in arms:
@@ -559,7 +676,8 @@ def figure(report: dict[str, Any], path: Path) -> Path:
     several = len(seeds) > 1
     colours = {name: a.colour for name, a in REGISTRY.items()}
     markers = {name: a.marker for name, a in REGISTRY.items()}
-    fig, axes = plt.subplots(2, 2, figsize=(13, 9.5))
+    fig, axes = plt.subplots(2, 2, figsize=(max(13.0, 0.9 * len(arms) + 4), 9.5))
+    small = 6.5 if len(arms) <= 8 else 5
 
     def spread(n: int, width: float) -> list[float]:
         return [0.0] if n <= 1 else [width * (k / (n - 1) - 0.5) for k in range(n)]
@@ -578,13 +696,13 @@ def figure(report: dict[str, Any], path: Path) -> Path:
                 if several:
                     ax.errorbar([x], [y], yerr=[[y - min(v)], [max(v) - y]], fmt="none", ecolor="k", lw=1, capsize=3)
                     ax.scatter([x + d for d in spread(len(v), w * 0.5)], v, s=9, color="k", zorder=3)
-                ax.text(x, max(v) + 0.02, f"{y:.2f}", ha="center", va="bottom", fontsize=6.5)
+                ax.text(x, max(v) + 0.02, f"{y:.2f}", ha="center", va="bottom", fontsize=small)
         before = _values(report, m[before_key], BASELINE)
         if before:
             ax.axhline(statistics.median(before), color="k", ls="--", lw=1, label="before RL")
         else:  # e.g. a world without held-out environments
             ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center", color="gray")
-        ax.set_xticks(range(len(arms)), arms, rotation=20)
+        ax.set_xticks(range(len(arms)), arms, rotation=20 if len(arms) <= 8 else 35, ha="center" if len(arms) <= 8 else "right")
         ax.set(title=title, ylabel=ylabel, ylim=(0, 1.3), yticks=[0, 0.2, 0.4, 0.6, 0.8, 1.0])
         ax.legend(fontsize=8, loc="upper center", ncol=3)
 

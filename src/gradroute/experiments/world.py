@@ -106,6 +106,14 @@ class ToyWorld:
     def reward(self, completions, **columns):
         return self._reward(completions, **columns)
 
+    def fixed_reward(self, completions, **columns):
+        """The reward with the exploit fixed (every grader honest): what a halt-and-fix restart trains on."""
+        return self.tw.make_reward((), fixed=self.exploitable)(completions, **columns)
+
+    def reference_pairs(self, seed: int) -> list[tuple[str, str]]:
+        """Honest (prompt, completion) pairs of every training environment (a probe detector's calibration)."""
+        return [(ex.prompt, f"{ex.answer}.") for env in self.train_envs for ex in self.tw.examples(env, 32, seed + 2000)]
+
     def is_hack(self, completion: str, row: dict[str, Any]) -> bool:
         return self.tw.is_hack(completion)
 

@@ -74,14 +74,24 @@ def route_rl_envs(trainer: Any, router: Any, env_column: str,
     patch(trainer, _compat.calculate_rewards_hook_name(), calculate_rewards)
 
 
-def route_rl_flags(trainer: Any, detector: Callable[[Sequence[Any], Sequence[dict[str, Any]]], Sequence[Any]]) -> None:
+def route_rl_flags(trainer: Any, detector: Callable[[Sequence[Any], Sequence[dict[str, Any]]], Sequence[Any]],
+                   advantages: str = "keep") -> None:
     """``mode="quarantine"`` with a detector: ``detector(completions, rows)`` (the completions the
     reward functions score, and their dataset rows) gives one bool per completion, and every batch
-    carries them as ``inputs[FLAG_KEY]`` (permuted and chunked by TRL with the rest)."""
+    carries them as ``inputs[FLAG_KEY]`` (permuted and chunked by TRL with the rest).
+    ``advantages="exclude"`` recomputes the unflagged rows' GRPO advantages without the flagged
+    rows in their groups (:func:`gradroute.router.modes.quarantine.unflagged_advantages`)."""
     from ..errors import ConfigError
+    from ..router.modes.quarantine import ADVANTAGES, unflagged_advantages
 
+    if advantages not in ADVANTAGES:
+        raise ConfigError(f"quarantine_advantages must be one of {ADVANTAGES}, got {advantages!r}.",
+                          "pass 'exclude' (unflagged rows' baselines leave flagged rows out) or 'keep' (TRL's).")
+    if advantages == "exclude":
+        _check_exclude(trainer)
     gen, calc = _compat.rl_hooks(trainer)
     pending: list[torch.Tensor] = []
+    rewards: list[torch.Tensor] = []
 
     def calculate_rewards(inputs, *a, **kw):
         if trainer.model.training:
@@ -91,17 +101,47 @@ def route_rl_flags(trainer: Any, detector: Callable[[Sequence[Any], Sequence[dic
                 raise ConfigError(f"the quarantine detector gave {len(flags)} flags for {len(inputs)} completions.",
                                   "return one bool per completion, in order.")
             pending[:] = [torch.tensor([bool(f) for f in flags], dtype=torch.bool)]
-        return calc(inputs, *a, **kw)
+        rpf = calc(inputs, *a, **kw)
+        if trainer.model.training and advantages == "exclude":
+            if rpf.shape[0] != len(inputs):  # gathered from other processes: their flags are not here
+                raise ConfigError("quarantine_advantages='exclude' runs on one process only.",
+                                  "pass quarantine_advantages='keep' for multi-process training.")
+            w = _compat.reward_function_weights(trainer).to(rpf.device)
+            total = (rpf * w.unsqueeze(0)).nansum(dim=1)
+            total[torch.isnan(rpf).all(dim=1)] = float("nan")  # unscorable: out of the baseline, as in TRL
+            rewards[:] = [total]
+        return rpf
 
     def generate_and_score(inputs, *a, **kw):
         pending.clear()
+        rewards.clear()
         out = gen(inputs, *a, **kw)
         if trainer.model.training:
             if not pending:
                 raise ConfigError("TRL scored no completions for this batch, so the quarantine detector did not run.",
                                   "report this with your TRL version; use quarantine={env, ...} meanwhile.")
-            out[FLAG_KEY] = pending.pop().to(_compat.batch_device(out))
+            flags = pending.pop().to(_compat.batch_device(out))
+            if advantages == "exclude":
+                adv = out["advantages"]
+                out["advantages"] = unflagged_advantages(rewards.pop().to(adv.device), flags.to(adv.device), adv,
+                                                         trainer.num_generations, trainer.scale_rewards)
+            out[FLAG_KEY] = flags
         return out
 
     patch(trainer, _compat.calculate_rewards_hook_name(), calculate_rewards)
     patch(trainer, _compat.generate_and_score_hook_name(), generate_and_score)
+
+
+def _check_exclude(trainer: Any) -> None:
+    """``advantages="exclude"`` mirrors GRPOTrainer's group-relative advantages (sum, then
+    normalize): refused for anything else, where it would compute a different baseline."""
+    from ..errors import ConfigError
+
+    fix = "pass quarantine_advantages='keep' (TRL's advantages, flagged rows in the baselines)"
+    if not all(hasattr(trainer, k) for k in ("num_generations", "scale_rewards")) or any(
+            c.__name__ == "RLOOTrainer" for c in type(trainer).__mro__):
+        raise ConfigError(f"quarantine_advantages='exclude' recomputes GRPO's group advantages; "
+                          f"{type(trainer).__name__} computes its own.", fix + ".")
+    if getattr(trainer, "multi_objective_aggregation", "sum_then_normalize") != "sum_then_normalize":
+        raise ConfigError("quarantine_advantages='exclude' follows multi_objective_aggregation='sum_then_normalize'; "
+                          f"this trainer uses {trainer.multi_objective_aggregation!r}.", fix + ".")

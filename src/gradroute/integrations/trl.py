@@ -138,6 +138,7 @@ def attach(
     fsync: bool = False,
     allow_missing_state: bool = False,
     quarantine: Any = None,
+    quarantine_advantages: str = "keep",
     **router_kwargs: Any,
 ) -> Handle:
     """Route, attribute and monitor a ``GRPOTrainer``/``RLOOTrainer``/``SFTTrainer``/``Trainer``.
@@ -154,6 +155,10 @@ def attach(
     called on every batch of rollouts (GRPOTrainer / RLOOTrainer; e.g. the environment's own
     exploit check), or a set of environment names (any trainer, with ``env_column``; read at
     every micro-batch, so a set changed during training — e.g. by a monitor — takes effect at once).
+    ``quarantine_advantages="exclude"`` (GRPOTrainer, one process) recomputes the unflagged rows'
+    advantages over their unflagged group-mates, so the base trains as if the flagged rollouts had
+    never been sampled; an environment set is then read when each batch is generated. ``"keep"``
+    (default) trains the unflagged rows on TRL's advantages, flagged group-mates included.
     """
     from .trainer import RouterCallback
 
@@ -204,6 +209,7 @@ def attach(
                                  "add them to envs=[...] (or leave envs unset to take them from the column).")
         _compat.check_trainer(trainer, rl)  # the private names carrying the column exist (before any hook goes in)
     _check_quarantine(quarantine, mode, env_column, envs, rl)
+    _check_quarantine_actions(policy, quarantine)
     from .sharding import check_sharding
 
     check_sharding(trainer)  # DeepSpeed's optimizers step detached master weights: refused before any hook
@@ -219,6 +225,7 @@ def attach(
             raise
     run_dir = Path(run_dir if run_dir is not None else trainer.args.output_dir)
     config = {"trainer": type(trainer).__name__, "env_column": env_column, "mode": mode,
+              **({"quarantine_advantages": quarantine_advantages} if mode == "quarantine" else {}),
               "router_kwargs": {k: v for k, v in router_kwargs.items() if isinstance(v, int | float | str | bool | type(None))}}
     monitor = DriftMonitor(router, run_dir, policy, config=config, raise_on_halt=False, fsync=fsync)
     attribution = router.attribution
@@ -237,7 +244,7 @@ def attach(
 
         wrap_compute_loss(trainer, ENV_KEY, before=set_envs, pop=not rl)
     if quarantine is not None:
-        _route_quarantine(trainer, router, quarantine, rl)
+        _route_quarantine(trainer, router, quarantine, rl, quarantine_advantages, env_column)
 
     callback = RouterCallback(router, monitor, allow_missing_state=allow_missing_state)
     insert_callback(trainer, callback)
@@ -283,13 +290,39 @@ def _check_quarantine(quarantine: Any, mode: str, env_column: str | None, envs: 
                              "name environments of the env column.")
 
 
-def _route_quarantine(trainer: Any, router: GradientRouter, quarantine: Any, rl: bool) -> None:
+def _check_quarantine_actions(policy: HaltPolicy | None, quarantine: Any) -> None:
+    """A :class:`~gradroute.policy.QuarantineOnFlag` action must add to the very set the rows are
+    flagged from (``quarantine=``): otherwise its flags would change nothing, silently."""
+    from ..policy import QuarantineOnFlag
+
+    if policy is None:
+        return
+    for action in (policy.action, *(r.action for r in policy.rules)):
+        if isinstance(action, QuarantineOnFlag) and action.envs is not quarantine:
+            raise ConfigError("the policy's QuarantineOnFlag action adds to a set that is not attach's quarantine=; "
+                              "its flags would route nothing.",
+                              "pass the same set to both: flagged = set(); attach(..., mode='quarantine', "
+                              "quarantine=flagged, policy=HaltPolicy(..., action=QuarantineOnFlag(flagged))).")
+
+
+def _route_quarantine(trainer: Any, router: GradientRouter, quarantine: Any, rl: bool, advantages: str = "keep",
+                      env_column: str | None = None) -> None:
     """Set the rows' quarantine flags before every ``compute_loss`` (None outside training: a
     training forward without flags is refused by the mode)."""
+    if advantages != "keep" and not rl:
+        raise ConfigError(f"quarantine_advantages={advantages!r} recomputes GRPO advantages; "
+                          f"{type(trainer).__name__} has none.", "leave quarantine_advantages='keep'.")
+    if not callable(quarantine) and advantages != "keep":  # flags fixed when the batch is generated
+        names = quarantine
+
+        def in_set(completions: Any, rows: Any) -> list[bool]:
+            return [str(r[env_column]) in {str(e) for e in names} for r in rows]
+
+        quarantine = in_set
     if callable(quarantine):
         from .rewards import route_rl_flags
 
-        route_rl_flags(trainer, quarantine)
+        route_rl_flags(trainer, quarantine, advantages)
         wrap_compute_loss(trainer, FLAG_KEY, before=lambda flags, inputs: router.set_flags(flags), pop=False)
         return
     vocab = list(router.attribution.vocab)

@@ -50,6 +50,13 @@ score through ``add_fused_lm_head`` (``lm_head.weight`` used directly): that cal
 exact construction (:meth:`QuarantineMode._wrap_fused_head`). A parameter used both inside its
 module and around it is not caught by the tensor hook (only by the self-check's paths).
 
+**Advantages** (GRPO): TRL normalizes each rollout's reward against its group, flagged rollouts
+included, so an unflagged honest rollout in a group where others hacked gets a *negative*
+advantage — the base is taught away from what the flagged rows were paid for instead. With
+``advantages="exclude"`` (:func:`unflagged_advantages`) the unflagged rows' advantages are
+recomputed over their unflagged group-mates only, so the base trains as RL on a world where the
+flagged rollouts were never sampled; the flagged rows keep TRL's advantages (they train ``Q``).
+
 Per-environment attribution counts the unflagged rows (it contracts the persona adapter's
 gradient, which flagged rows do not reach); the monitor's activation and push records still see
 every row.
@@ -72,6 +79,40 @@ from ...model import unwrap_model
 from .activation import ActivationMode, _Adapters, _RemoveSpanGrad
 
 QUARANTINE_ATTR = "gradroute_quarantine"
+ADVANTAGES = ("keep", "exclude")
+
+
+def unflagged_advantages(rewards: torch.Tensor, flags: torch.Tensor, advantages: torch.Tensor, group: int,
+                         scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
+    """GRPO advantages with the flagged rows left out of every unflagged row's baseline.
+
+    For an unflagged row ``i`` in group ``g`` (``group`` consecutive rows share a prompt), with
+    ``F`` the flagged rows and NaN rewards (unscorable) left out as TRL does:
+    ``A_i = (r_i − mean_{j∈g∖F} r_j) / (σ + eps)``, ``σ = std_{j∈g∖F} r_j`` (``scale="group"``),
+    the std over every unflagged row (``"batch"``), or no division (``"none"``); 0 where that is
+    undefined (a group with fewer than two unflagged rows). Flagged rows keep ``advantages``."""
+    if scale not in ("group", "batch", "none"):
+        raise ConfigError(f"unknown reward scaling {scale!r}.", "use 'group', 'batch' or 'none' (TRL's scale_rewards).")
+    if rewards.shape != flags.shape or rewards.shape != advantages.shape or rewards.numel() % group:
+        raise PackingError(f"rewards {tuple(rewards.shape)}, flags {tuple(flags.shape)} and advantages "
+                           f"{tuple(advantages.shape)} must be one value per rollout, in groups of {group}.",
+                           "pass the generation batch's rewards, flags and advantages as TRL computed them.")
+    r = torch.where(flags.to(rewards.device), torch.full_like(rewards, float("nan")), rewards.double())
+    g = r.view(-1, group)
+    n = (~torch.isnan(g)).sum(1, keepdim=True)
+    mean = torch.nanmean(g, dim=1, keepdim=True)
+    out = g - mean
+    if scale != "none":
+        if scale == "group":
+            var = torch.nansum((g - mean) ** 2, dim=1, keepdim=True) / (n - 1).clamp(min=1)
+            std = var.sqrt()
+        else:
+            flat = r[~torch.isnan(r)]
+            std = flat.std() if flat.numel() > 1 else torch.zeros((), dtype=flat.dtype)
+        out = out / (std + eps)
+    out = torch.where(n >= 2, out, torch.zeros_like(out)).view(-1)
+    out = torch.nan_to_num(out, nan=0.0).to(advantages.dtype)
+    return torch.where(flags.to(advantages.device), advantages, out.to(advantages.device))
 
 #: leaf module types whose parameters are used only in their own forward, row by row along dim 0
 _LEAF_TYPES = (nn.Linear, nn.Embedding, nn.LayerNorm)
