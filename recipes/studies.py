@@ -224,7 +224,8 @@ def assemble(work: Path, only: tuple[str, ...] = STUDIES) -> list[Path]:
             if any(p is None for p in parts):
                 complete = False
                 continue
-            rep = {**parts[0], "seeds": {}}
+            rep = {k: v for k, v in parts[0].items() if k != "table"}  # the jobs' tables are one seed's
+            rep["seeds"] = {}
             rep["config"] = {**parts[0]["config"], "seeds": list(STUDY_SEEDS)}
             for p in parts:
                 rep["seeds"].update(p["seeds"])
@@ -247,8 +248,8 @@ def assemble(work: Path, only: tuple[str, ...] = STUDIES) -> list[Path]:
                         main["seeds"][seed]["arms"].update({a: r for a, r in s["arms"].items() if a != "unrouted"})
                     main["config"]["arms"] = list(dict.fromkeys([*main["config"]["arms"], *rep["config"]["arms"]]))
             for fname, data in files.items():
-                if "seeds" in data:
-                    data["table"] = tabulate(data)
+                for rep in [data] if "seeds" in data else data.values():  # a file of one report, or of several
+                    rep["table"] = tabulate(rep)
                 write(fname, data)
     return written
 

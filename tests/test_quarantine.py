@@ -564,3 +564,89 @@ def test_activation_adapter_weight_decay_is_decoupled_at_the_adapters_rate():
     for n in moved:
         want = plain[1][n] - 0.15 * plain[0][n]
         assert torch.allclose(decayed[1][n], want, atol=1e-6), n
+
+
+def test_quarantine_on_flag_goes_on_to_the_next_environment_and_policies_keep_their_actions():
+    """A rule that quarantined one environment names the next one to cross (it would otherwise stay
+    on the worst, already quarantined one); combining policies with different actions is refused."""
+    from types import SimpleNamespace
+
+    class Worst(Rule):
+        name = "worst"
+        action = None
+
+        def check(self, record, history):
+            return self._worst_env(record, {"a": 5.0, "b": 4.0, "c": 1.0}, 3.0)
+
+    flagged: set[str] = set()
+    policy = gr.HaltPolicy(rules=[Worst()], halt_on_nonfinite=False, action=gr.QuarantineOnFlag(flagged))
+    active: set = set()
+    for step in (1, 2, 3):
+        rec = SimpleNamespace(step=step, env_adapter_share={}, env_share={})
+        out = policy.evaluate(rec, [rec], active)
+        assert all(stop is False for _, stop in out)
+    assert flagged == {"a", "b"} and policy.action.flagged == {"a": 1, "b": 2}
+    with pytest.raises(ConfigError, match="different actions"):
+        gr.HaltPolicy(max_push_z=6.0, action="warn") | gr.HaltPolicy(max_env_share=0.9)
+
+
+def test_adapter_weight_decay_without_an_optimizer_is_refused():
+    torch.manual_seed(0)
+    model, _ = tiny_lm("llama")
+    router = gr.GradientRouter(model, _subspace(), mode="activation", adapter_weight_decay=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # not bound: the router cannot read its learning rate
+    x = _batch()
+    model(input_ids=x, labels=x).loss.backward()
+    opt.step()
+    with pytest.raises(ConfigError, match="bind_optimizer"):
+        router.step()
+
+
+@pytest.mark.skipif(not _HAS_ATTACH, reason="gradroute.attach(quarantine=...) not in the TRL integration yet")
+def test_exclude_refusals_happen_before_anything_is_attached(tmp_path):
+    trainer = _grpo(tmp_path / "r", steps=1)
+    trainer.multi_objective_aggregation = "normalize_then_sum"
+    with pytest.raises(ConfigError, match="sum_then_normalize"):
+        gr.attach(trainer, _subspace(), env_column="env", mode="quarantine", quarantine={"bang"},
+                  quarantine_advantages="exclude")
+    with pytest.raises(ConfigError, match="recomputes the GRPO advantages"):
+        gr.attach(trainer, _subspace(), env_column="env", mode="activation", quarantine_advantages="exclude")
+    trainer.multi_objective_aggregation = "sum_then_normalize"
+    gr.attach(trainer, _subspace(), env_column="env", mode="quarantine", quarantine={"bang"})  # nothing left behind
+
+
+@pytest.mark.skipif(not _HAS_ATTACH, reason="gradroute.attach(quarantine=...) not in the TRL integration yet")
+def test_exclude_puts_the_recomputed_advantages_in_the_training_batch(tmp_path):
+    """The batch TRL trains on carries, for unflagged rows, advantages over the unflagged
+    group-mates' rewards (TRL's own formula on that subset), and TRL's for flagged rows."""
+    seen: dict = {}
+
+    def odd_rows(completions, rows):
+        return [i % 3 == 0 for i in range(len(completions))]
+
+    trainer = _grpo(tmp_path / "adv", steps=1)
+    gr.attach(trainer, _subspace(), env_column="env", mode="quarantine", quarantine=odd_rows,
+              quarantine_advantages="exclude")
+    calc, gen = trainer._calculate_rewards, trainer._generate_and_score_completions
+
+    def calc_spy(*a, **kw):
+        seen["rpf"] = calc(*a, **kw)
+        return seen["rpf"]
+
+    def gen_spy(*a, **kw):
+        out = gen(*a, **kw)
+        seen.setdefault("outs", []).append(out)
+        return out
+
+    trainer._calculate_rewards, trainer._generate_and_score_completions = calc_spy, gen_spy
+    trainer.train()
+    out = seen["outs"][0]
+    rewards = (seen["rpf"] * trainer.reward_weights.unsqueeze(0)).nansum(1).double()
+    flags = torch.tensor([i % 3 == 0 for i in range(rewards.numel())])
+    adv = out["advantages"].double()
+    G = trainer.num_generations
+    assert torch.allclose(adv[flags], _trl_advantages(rewards, G, "group")[flags].to(adv), atol=1e-5)
+    for g in range(rewards.numel() // G):
+        idx = [i for i in range(g * G, (g + 1) * G) if not flags[i]]
+        want = _trl_advantages(rewards[idx], len(idx), "group")
+        assert torch.allclose(adv[idx], want.to(adv), atol=1e-5), g

@@ -88,7 +88,11 @@ class Rule:
         return Violation(self.name, float(value), float(threshold), int(record.step), top_envs(record), detail)
 
     def _worst_env(self, record: StepRecord, values: dict[str, float], threshold: float, what: str = "") -> Violation | None:
-        """A violation for the environment with the largest value, if it exceeds ``threshold``."""
+        """A violation for the environment with the largest value, if it exceeds ``threshold``.
+        Environments already handled by a :class:`QuarantineOnFlag` action for this rule are
+        passed over, so that the next environment to cross is named too."""
+        handled = getattr(self, "_handled", ())
+        values = {e: v for e, v in values.items() if e not in handled}
         if not values:
             return None
         env, value = max(values.items(), key=lambda x: x[1])
@@ -310,8 +314,11 @@ class QuarantineOnFlag:
                                                      action=QuarantineOnFlag(flagged)))
 
     ``envs`` must be the very set passed as ``quarantine=`` (attach reads it at every
-    micro-batch). A crossing that names no environment (a non-finite update, an adapter-norm
-    rule) cannot be quarantined: the run stops, as with ``action="stop"``. :attr:`flagged` maps
+    micro-batch, or with ``quarantine_advantages="exclude"`` when each batch is generated). A
+    crossing that names no environment (a non-finite update, an adapter-norm rule) cannot be
+    quarantined: the run stops, as with ``action="stop"``; one that names an environment (its
+    push, its share, NaN rewards in it) quarantines it, and the rule goes on to watch the other
+    environments. One process only: with several, the ranks' sets could differ (refused). :attr:`flagged` maps
     each quarantined environment to the step its rule fired at. After a resume, pass the
     environments quarantined before (``flagged``, or the log's crossing records) in the set:
     this action does not travel in checkpoints."""
@@ -436,6 +443,10 @@ class HaltPolicy:
         if not isinstance(other, HaltPolicy):
             raise ConfigError(f"cannot combine a HaltPolicy with {type(other).__name__}.",
                               "combine two HaltPolicy objects: policy_a | policy_b.")
+        if other.action is not self.action and other.action != self.action:
+            raise ConfigError("the two policies have different actions; the combination would keep only the first's.",
+                              "give both the same action, or put the action on the rules themselves "
+                              "(rule.action = ...) before combining.")
         out = HaltPolicy(halt_on_nonfinite=False, action=self.action)
         seen = set()
         for r in [*self.rules, *other.rules]:
@@ -454,6 +465,11 @@ class HaltPolicy:
         """Run the action for a crossing of ``rule`` (warn, or the callable; the rule's own action
         wins over the policy's) and say whether to stop. Call once per crossing."""
         action = rule.action if rule.action is not None else self.action
+        if isinstance(action, QuarantineOnFlag):
+            stop = bool(action(violation, record))
+            if not stop and violation.env is not None:  # this rule goes on to name the other environments
+                rule.__dict__.setdefault("_handled", set()).add(violation.env)
+            return stop
         if callable(action):
             return bool(action(violation, record))
         if action == "warn":

@@ -456,7 +456,7 @@ def measures(report: dict[str, Any]) -> dict[str, Callable[[dict[str, Any], dict
         "hack_cut": cut,
         **{f"solve_removed_{e}": solve("removed", e) for e in honest},
         **{f"solve_drop_{e}": (lambda e: lambda s, r: s["arms"][BASELINE]["after"][e]["solve"] - r["removed"][e]["solve"]
-                              if BASELINE in s["arms"] else None)(e) for e in honest},
+                              if BASELINE in s["arms"] and e in r["removed"] else None)(e) for e in honest},
         "hack_after": rate("after", ex, "hack"),
         "hack_removed": rate("removed", ex, "hack"),
         "hack_inspected": rate("inspected", ex, "hack"),
@@ -491,7 +491,8 @@ def per_seed(report: dict[str, Any], name: str, arm: str) -> dict[str, float | N
             continue
         if name == "relearn_ratio":
             a, b = m["relearn_steps"](s, s["arms"][arm]), m["learn_steps"](s, s["arms"][arm])
-            out[seed] = None if a is None or b is None else a / max(b, 1)
+            # a base that never learned the exploit gives no first-learning count to compare with
+            out[seed] = None if a is None or b is None or math.isinf(b) else a / max(b, 1)
         else:
             out[seed] = m[name](s, s["arms"][arm])
     return out
@@ -543,7 +544,11 @@ def isolation(report: dict[str, Any]) -> dict[str, Any]:
         rows[a] = {"median": med, "met": ok, "n_met": sum(ok.values())}
     rnd = stats.median([v for v in per_seed(report, "hack_cut", "random").values() if v is not None])
     routed = [a for a in rows if REGISTRY[a].discards] if all(a in REGISTRY for a in rows) else list(rows)
-    best = max(routed, key=lambda a: (rows[a]["n_met"], rows[a]["median"]["hack_cut"] or -1.0)) if routed else None
+    def rank(a: str) -> tuple[int, float]:
+        cut = rows[a]["median"]["hack_cut"]
+        return rows[a]["n_met"], -1.0 if cut is None else cut
+
+    best = max(routed, key=rank) if routed else None
     return {"arms": rows, "random_cut": rnd,
             "random_ok": None if rnd is None else rnd <= ISOLATION["random_cut"], "best": best}
 
@@ -620,7 +625,7 @@ COLUMNS = (("hack_after", "hack_removed", "exploitable hack: after → removed")
 
 
 def summarize(report: dict[str, Any]) -> str:
-    """Markdown: medians [min–max] over seeds per arm, then the targets."""
+    """Markdown: medians [bootstrap 95 % interval] over seeds per arm, then the targets."""
     m = measures(report)
     seeds = list(report["seeds"].values())
     arms = arms_of(report)

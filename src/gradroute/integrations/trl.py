@@ -209,6 +209,7 @@ def attach(
                                  "add them to envs=[...] (or leave envs unset to take them from the column).")
         _compat.check_trainer(trainer, rl)  # the private names carrying the column exist (before any hook goes in)
     _check_quarantine(quarantine, mode, env_column, envs, rl)
+    _check_quarantine_advantages(trainer, quarantine_advantages, mode, rl)
     _check_quarantine_actions(policy, quarantine)
     from .sharding import check_sharding
 
@@ -290,6 +291,24 @@ def _check_quarantine(quarantine: Any, mode: str, env_column: str | None, envs: 
                              "name environments of the env column.")
 
 
+def _check_quarantine_advantages(trainer: Any, advantages: Any, mode: str, rl: bool) -> None:
+    """Before anything is attached: ``quarantine_advantages`` is known, used only where it means
+    something, and ``"exclude"`` only where GRPO's advantages can be recomputed."""
+    from ..router.modes.quarantine import ADVANTAGES
+
+    if advantages not in ADVANTAGES:
+        raise ConfigError(f"quarantine_advantages must be one of {ADVANTAGES}, got {advantages!r}.",
+                          "pass 'exclude' (unflagged rows' baselines leave flagged rows out) or 'keep' (TRL's).")
+    if advantages != "keep" and (mode != "quarantine" or not rl):
+        raise ConfigError(f"quarantine_advantages={advantages!r} recomputes the GRPO advantages of quarantine mode's "
+                          f"unflagged rows; here mode={mode!r} with {type(trainer).__name__}.",
+                          "leave quarantine_advantages='keep' (or use mode='quarantine' with a GRPOTrainer).")
+    if advantages == "exclude":
+        from .rewards import _check_exclude
+
+        _check_exclude(trainer)
+
+
 def _check_quarantine_actions(policy: HaltPolicy | None, quarantine: Any) -> None:
     """A :class:`~gradroute.policy.QuarantineOnFlag` action must add to the very set the rows are
     flagged from (``quarantine=``): otherwise its flags would change nothing, silently."""
@@ -298,6 +317,14 @@ def _check_quarantine_actions(policy: HaltPolicy | None, quarantine: Any) -> Non
     if policy is None:
         return
     for action in (policy.action, *(r.action for r in policy.rules)):
+        if isinstance(action, QuarantineOnFlag):
+            from ..distributed import world_size
+
+            if world_size() > 1:
+                raise ConfigError("QuarantineOnFlag changes each process's quarantine set from its own monitor; with "
+                                  "several processes they could disagree (one rank routing a row to the quarantine "
+                                  "adapter, another to the base).",
+                                  "use action='stop' (decided on rank 0) in multi-process runs.")
         if isinstance(action, QuarantineOnFlag) and action.envs is not quarantine:
             raise ConfigError("the policy's QuarantineOnFlag action adds to a set that is not attach's quarantine=; "
                               "its flags would route nothing.",

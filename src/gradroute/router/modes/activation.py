@@ -511,7 +511,11 @@ class ActivationMode(RoutingMode):
             else:
                 self._checked_optimizer = True
         m = self._lr_multiplier()
-        decay = m * self._group_lr() * float(self.options.get("adapter_weight_decay") or 0.0)
+        wd = float(self.options.get("adapter_weight_decay") or 0.0)
+        if wd and self.ctx.optimizer() is None:
+            raise ConfigError("adapter_weight_decay needs the optimizer's learning rate, and the router knows no optimizer.",
+                              "call router.bind_optimizer(optimizer) (gradroute.attach does it for a trainer).")
+        decay = m * self._group_lr() * wd
         deltas: dict[str, list[torch.Tensor]] = {}
         for r in self.ctx.routes:
             p = self.params[r.name]
