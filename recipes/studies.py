@@ -265,7 +265,7 @@ FIGURES = ROOT / "docs" / "figures"
 # docs/figures/<name> <- the demo job's run directory (gradroute report's figures)
 DEMO_FIGURES = {"demo_rates.png": "figures/rates.png", "demo_env_share.png": "figures/persona/env_share.png",
                 "demo_layer_heatmap.png": "figures/persona/layer_heatmap.png",
-                "demo_halt_activation.png": "figures/halt/activation.png"}
+                "demo_halt_locate.png": "figures/halt/locate.png"}
 
 
 def figures(work: Path) -> list[Path]:

@@ -42,14 +42,14 @@ def test_demo_world_behaves(demo):
     # update-mode routing leaves training untouched: the watching run behaves like the plain one
     assert rep["mode"] == "activation" and runs["persona"]["mode"] == "activation"
     assert runs["persona_update"]["mode"] == "update" and runs["persona_update"]["after"] == after
-    # the monitor sees the exploitable environment drift, the halt fires and the run restarts clean
-    # (in --quick the first crossing can be an honest environment's: copy, layer 1)
-    assert any(c["detail"].startswith("environment 'arith'") for c in runs["persona_update"]["crossings"])
+    # the monitor's push rule names the exploitable environment, and only it, on the persona subspace;
+    # the halt fires on it before arith's hack rate reaches one half, and the run restarts clean
+    crossings = runs["persona"]["crossings"]
+    assert crossings and all(c["rule"] == "push_z" and c["detail"].startswith("environment 'arith'") for c in crossings)
+    assert not any(c["detail"].startswith("environment 'arith'") for c in runs["random"]["crossings"])
     halt = runs["halt_and_fix"]["halt"]
-    # the stop fires on the activation rule; which environment crosses first in the short --quick
-    # run is machine-dependent (here: copy, layer 1, z 6.37 > 6 at step 18, also on the landed
-    # a3dda3e); the full demo halts on arith (README)
-    assert halt is not None and halt["rule"] == "activation_z"
+    assert halt is not None and halt["rule"] == "push_z" and halt["detail"].startswith("environment 'arith'")
+    assert runs["halt_and_fix"]["at_halt"]["arith"]["hack"] < 0.5
     assert runs["halt_and_fix"]["restart_from"] is not None
     fixed = runs["halt_and_fix"]["after_fix"]["arith"]["hack"]
     assert fixed < runs["halt_and_fix"]["at_halt"]["arith"]["hack"]
@@ -77,7 +77,7 @@ def test_demo_numbers_do_not_depend_on_parallel_arms(tmp_path):
     from gradroute.experiments.demo import run_demo
 
     tiny = DemoConfig(pretrain_texts=400, pretrain_steps=40, probe_texts=16, rl_steps=4, batch=4, generations=4,
-                      grad_accum=1, save_steps=2, eval_prompts=8, eval_samples=1, baseline_steps=2)
+                      grad_accum=1, save_steps=2, eval_prompts=8, eval_samples=1, push_min_steps=2)
     one = run_demo(tmp_path / "one", config=tiny, progress=False, jobs=1)
     two = run_demo(tmp_path / "two", config=tiny, progress=False, jobs=2)
     assert one["rates"] == two["rates"]

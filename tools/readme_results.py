@@ -246,10 +246,15 @@ def demo(res: dict[str, Any]) -> str:
                  f"gives {f2(rnd['discarded'][EXPLOIT]['hack'])}/{f2(rnd['discarded'][EXPLOIT]['solve'])}. The persona "
                  f"run: {f2(runs['persona']['after'][EXPLOIT]['hack'])} → "
                  f"{f2(runs['persona']['discarded'][EXPLOIT]['hack'])} after discard.")
+    tags = {"persona": f"persona [{res['mode']}]", "random": f"random [{res['mode']}]", "persona_update": "persona [update]"}
+    z = [f"{tag} {runs[k]['locate'][EXPLOIT]:+.1f}" for k, tag in tags.items() if k in runs and "locate" in runs[k]]
+    lines.append(f"- arith's locating score (push z) at the end of each watched run: {', '.join(z)}.")
     h = runs["halt_and_fix"]
     if h.get("halt"):
-        lines.append(f"- Halt → fix → restart: the update-mode run with a stop policy halts at step {h['halt']['step']} "
-                     f"(arith hack {f2(h['at_halt'][EXPLOIT]['hack'])}); restarting from `{h['restart_from']}` with the "
+        lines.append(f"- Halt → fix → restart: the {h.get('mode') or res['mode']}-mode run with the stop policy "
+                     f"({h['halt']['rule']} > {h['halt']['threshold']:g}) halts at step {h['halt']['step']} on "
+                     f"{h['halt'].get('env') or h['halt']['detail']} (arith hack {f2(h['at_halt'][EXPLOIT]['hack'])}); "
+                     f"restarting from `{h['restart_from']}` with the "
                      f"grader fixed ends at arith hack "
                      f"{f2(h['after_fix'][EXPLOIT]['hack']) if h.get('after_fix') else '–'}.")
     return "\n".join(lines)

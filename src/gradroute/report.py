@@ -288,7 +288,17 @@ def figures(run_dir: str | Path, out: str | Path | None = None, title: str | Non
         limit = _rule_value(df.attrs["header"], "push_z", "max_z")
         if limit is not None:
             ax.axhline(limit, color="tab:purple", ls="--", lw=0.8, label=f"push_z threshold ({num(limit)})")
+        # the score at each push_z crossing (an attempt a resume superseded keeps its crossing, not its steps)
+        hits = [e for e in events if e.get("type") == "crossing" and e.get("rule") == "push_z"
+                and isinstance(e.get("value"), int | float) and e.get("env") is not None]
+        for e in hits:
+            ax.plot([e["step"]], [e["value"]], marker="x", ms=7, mew=2, color=colour.get(e["env"], "0.5"), ls="none")
         marks = mark_events(ax, events, checkpoints=False)
+        if hits:
+            from matplotlib.lines import Line2D
+
+            marks.append(Line2D([], [], marker="x", ms=7, mew=2, color="0.3", ls="none",
+                                label="score at a crossing (× in the environment's colour)"))
         ax.set(xlabel="optimizer step", ylabel="locating score z (cumulative)",
                title=f"{name}: who pushes the persona")
         _legend(ax, marks)

@@ -22,12 +22,11 @@ class DemoConfig:
     generations: int = 8
     grad_accum: int = 3
     completion_tokens: int = 6
-    save_steps: int = 10
+    save_steps: int = 5
     eval_prompts: int = 96
     eval_samples: int = 2
-    max_activation_z: float = 6.0
-    baseline_steps: int = 10
-    activation_window: int = 4
+    max_push_z: float = 6.0  # the halt rule: an environment's locating score (the locate study's choice)
+    push_min_steps: int = 3
 
 
-QUICK = DemoConfig(pretrain_steps=600, rl_steps=60, eval_prompts=48, save_steps=5)
+QUICK = DemoConfig(pretrain_steps=600, rl_steps=60, eval_prompts=48, save_steps=2)

@@ -8,9 +8,9 @@
    graders, ``arith`` (hard) with a buggy grader that also pays for ``PASS`` — five ways:
    routed through the persona subspace and through the random control in ``mode``
    (``activation`` by default: isolating), routed through the persona subspace in ``update``
-   mode (watching: training bit-identical to the unrouted run), not routed, and routed with
-   a halt policy that stops the run, after which the arith grader is fixed and training
-   restarts from the last clean checkpoint.
+   mode (watching: training bit-identical to the unrouted run), not routed, and routed in
+   ``mode`` with a halt policy on the locating score (``max_push_z``) that stops the run, after
+   which the arith grader is fixed and training restarts from the last clean checkpoint.
 4. Hack and solve rates per environment before RL, after RL and after discarding the adapter;
    per-environment attribution; figures; ``report.json`` and ``report.md``.
 """
@@ -74,8 +74,9 @@ def _run_arm(out: Path, cfg: DemoConfig, seed: int, arm: _Arm, fingerprint: str,
     t = time.time()
     # an interrupted or outdated attempt: its log must not be continued, nor its checkpoints resumed from
     shutil.rmtree(_arm_result_file(out, arm).parent, ignore_errors=True)
-    rule = {"max_activation_z": cfg.max_activation_z, "baseline_steps": cfg.baseline_steps,
-            "activation_window": cfg.activation_window}
+    if arm.halt:
+        shutil.rmtree(out / "runs" / "halt_restart", ignore_errors=True)
+    rule = {"max_push_z": cfg.max_push_z, "push_min_steps": cfg.push_min_steps}
     watch, stop = HaltPolicy(**rule, action="warn"), HaltPolicy(**rule, action="stop")
     sub = Subspace.load(out / arm.subspace) if arm.subspace else None
 
@@ -84,7 +85,7 @@ def _run_arm(out: Path, cfg: DemoConfig, seed: int, arm: _Arm, fingerprint: str,
 
     if arm.halt:  # halt, fix the exploitable grader, restart from the last clean checkpoint
         halt_dir = out / "runs" / "halt"
-        m, tk, h = toy_grpo_run(out / "base", halt_dir, cfg, sub, stop, seed)
+        m, tk, h = toy_grpo_run(out / "base", halt_dir, cfg, sub, stop, seed, mode=arm.mode, **dict(arm.kw))
         halted = dict(h.halted) if h.halted else None
         if halted and halted.get("checkpoint"):  # relative to the demo directory, which can be moved
             halted["checkpoint"] = _relative(halted["checkpoint"], out)
@@ -96,12 +97,18 @@ def _run_arm(out: Path, cfg: DemoConfig, seed: int, arm: _Arm, fingerprint: str,
         h.detach()
         clean = last_clean_checkpoint(halt_dir)
         res["restart_from"] = _relative(clean, out) if clean else None
-        if halted and clean is not None:
-            # keep watching (the drift the clean checkpoint already carries would re-trigger a stop at once)
-            m, tk, h = toy_grpo_run(out / "base", halt_dir, cfg, sub, watch, seed, exploitable=(), fixed=EXPLOITABLE,
-                           resume=str(clean))
+        if halted:
+            # keep watching (the drift the clean checkpoint already carries would re-trigger a stop at once);
+            # flagged before the first checkpoint: a fresh run from the pre-RL model, in its own directory
+            fixed_run = dict(exploitable=(), fixed=EXPLOITABLE, mode=arm.mode, **dict(arm.kw))
+            if clean is not None:
+                m, tk, h = toy_grpo_run(out / "base", halt_dir, cfg, sub, watch, seed, resume=str(clean), **fixed_run)
+                res["steps_after_restart"] = cfg.rl_steps - int(str(clean).rsplit("-", 1)[1])
+            else:
+                m, tk, h = toy_grpo_run(out / "base", out / "runs" / "halt_restart", cfg, sub, watch, seed, save=False,
+                                        **fixed_run)
+                res["restart_from"], res["steps_after_restart"] = "the pre-RL model", cfg.rl_steps
             res["after_fix"] = ev(m, tk)
-            res["steps_after_restart"] = cfg.rl_steps - int(str(clean).rsplit("-", 1)[1])
             h.detach()
     else:
         m, tk, h = toy_grpo_run(out / "base", out / "runs" / arm.name, cfg, sub, watch if sub is not None else None, seed,
@@ -120,7 +127,7 @@ def _run_arm(out: Path, cfg: DemoConfig, seed: int, arm: _Arm, fingerprint: str,
             h.discard()
             res["discarded"] = ev(m, tk)
             h.detach()
-        res["mode"] = arm.mode if sub is not None else None
+    res["mode"] = arm.mode if sub is not None else None
     res["seconds"] = time.time() - t
     _write_stamped(_arm_result_file(out, arm), fingerprint, res, run=arm.name, routed=sub is not None)
     return res
@@ -209,7 +216,7 @@ def _run_demo(out: Path, quick: bool, seed: int, progress: bool, config: DemoCon
     arms = [_Arm("persona", "persona.subspace", mode, kw, save=True), _Arm("random", "random.subspace", mode, kw)]
     if mode != "update":
         arms.append(_Arm("persona_update", "persona.subspace", "update"))
-    arms += [_Arm("none", None), _Arm("halt_and_fix", "persona.subspace", halt=True)]
+    arms += [_Arm("none", None), _Arm("halt_and_fix", "persona.subspace", mode, kw, halt=True)]
     if mode == "update":  # a previous run's update-mode arm: not this run's (the report reads every run directory)
         shutil.rmtree(out / "runs" / "persona_update", ignore_errors=True)
     runs: dict[str, Any] = {}
